@@ -1,0 +1,3 @@
+from c40.cli import main
+
+raise SystemExit(main())

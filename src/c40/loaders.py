@@ -1,0 +1,112 @@
+"""Batch loaders. Both paths yield the same thing, so the train loop cannot tell them apart:
+`(images, labels)` with images normalised float32 (B, 3, 32, 32) (channels_last if asked) and
+int64 labels (B,), already on the training device.
+
+- `TensorLoader`: the dataset lives on the device as one uint8 tensor; augmentation is batch
+  tensor ops (`c40.augment.batch_*`). Fastest on CUDA, and on CPU too (see benchmarks/).
+- `AlbumentationsLoader` (`c40.cpu_loader`): worker processes run the albumentations pipeline
+  per image into shared-memory batches.
+
+Sharding for distributed runs follows DistributedSampler: one permutation per epoch from
+(seed, epoch), padded to a multiple of `world_size`, and rank r takes every world_size-th index.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from c40.augment import batch_augment, normalize
+
+
+@dataclass
+class LoaderSpec:
+    """What every loader needs besides the data."""
+    batch_size: int                  # per-rank batch size
+    mean: Sequence[float]            # per-channel, [0, 1] units (from the training set)
+    std: Sequence[float]
+    augment: bool = False            # apply the training augmentations
+    p: float = 0.5                   # probability of each augmentation
+    shuffle: bool = False
+    drop_last: bool = False
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    channels_last: bool = True
+
+
+def epoch_indices(n: int, spec: LoaderSpec, epoch: int) -> np.ndarray:
+    """This rank's sample order for `epoch` (deterministic in seed and epoch)."""
+    if spec.shuffle:
+        order = np.random.default_rng((spec.seed, epoch)).permutation(n)
+    else:
+        order = np.arange(n)
+    if spec.world_size > 1:
+        total = -(-n // spec.world_size) * spec.world_size
+        order = np.concatenate([order, order[: total - n]])  # pad like DistributedSampler
+        order = order[spec.rank::spec.world_size]
+    return order
+
+
+def num_batches(n_indices: int, spec: LoaderSpec) -> int:
+    if spec.drop_last:
+        return n_indices // spec.batch_size
+    return -(-n_indices // spec.batch_size)
+
+
+class TensorLoader:
+    """The GPU-tensor path (also runs on CPU tensors): augmentation as batch tensor ops."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, spec: LoaderSpec,
+                 device: torch.device | str = "cpu"):
+        self.spec, self.device = spec, torch.device(device)
+        pin = self.device.type == "cuda"
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # (N, 3, 32, 32) uint8
+        self.images = x.contiguous().to(self.device, non_blocking=pin)
+        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(self.device)
+        self.mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device)
+        self.std = torch.tensor(spec.std, dtype=torch.float32, device=self.device)
+        self.fill = self.mean * 255.0  # dataset-mean colour in pixel values
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return num_batches(len(epoch_indices(len(self.labels), self.spec, 0)), self.spec)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        spec = self.spec
+        order = torch.from_numpy(epoch_indices(len(self.labels), spec, self.epoch)).to(self.device)
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(spec.seed * 1_000_003 + self.epoch * 7919 + spec.rank)
+        fmt = torch.channels_last if spec.channels_last else torch.contiguous_format
+        for i in range(len(self)):
+            idx = order[i * spec.batch_size:(i + 1) * spec.batch_size]
+            x = self.images.index_select(0, idx)                  # (B, 3, 32, 32) uint8
+            if spec.augment:
+                x = batch_augment(x, gen, self.fill, spec.p)      # float, pixel values
+            x = normalize(x, self.mean, self.std).contiguous(memory_format=fmt)
+            yield x, self.labels.index_select(0, idx)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def create_loader(kind: str, images: np.ndarray, labels: np.ndarray, spec: LoaderSpec,
+                  device: torch.device | str, workers: int = 2):
+    """`kind`: tensor | albumentations | auto (auto = tensor: it measures faster on CPU and CUDA)."""
+    if kind in ("auto", "tensor") or not spec.augment:
+        return TensorLoader(images, labels, spec, device)
+    if kind == "albumentations":
+        from c40.cpu_loader import AlbumentationsLoader
+        return AlbumentationsLoader(images, labels, spec, device, workers=workers)
+    raise ValueError(f"unknown loader '{kind}'")

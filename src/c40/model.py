@@ -1,0 +1,126 @@
+"""The C1 C2 C3 C4 -> O networks. Pure modules: no device moves, dtype casts or I/O.
+
+Both archs: no MaxPool, >= 1 depthwise-separable conv, >= 1 dilated conv, BatchNorm, GAP,
+configurable dropout, < 200k trainable parameters, receptive field > 44 (see `c40.receptive`).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    _REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_model(arch: str, *, dropout: float = 0.0, width: float = 1.0,
+                 num_classes: int = 10) -> nn.Module:
+    """Build a registered arch; `width` scales every channel count (rounded to 8)."""
+    if arch not in _REGISTRY:
+        raise ValueError(f"unknown arch '{arch}' (choose from {', '.join(list_models())})")
+    return _REGISTRY[arch](dropout=dropout, width=width, num_classes=num_classes)
+
+
+def count_params(model: nn.Module) -> int:
+    """Trainable parameters (the assignment's < 200,000 limit)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _ch(c: int, width: float) -> int:
+    return max(8, int(round(c * width / 8)) * 8)
+
+
+class ConvBN(nn.Sequential):
+    """k x k conv (no bias) -> BatchNorm -> ReLU. `padding=None` keeps the size ("same")."""
+
+    def __init__(self, cin: int, cout: int, k: int = 3, stride: int = 1, dilation: int = 1,
+                 padding: int | None = None):
+        pad = dilation * (k - 1) // 2 if padding is None else padding
+        super().__init__(nn.Conv2d(cin, cout, k, stride, pad, dilation, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class DepthwiseSeparable(nn.Sequential):
+    """3x3 depthwise (groups = channels) -> 1x1 pointwise -> BatchNorm -> ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, dilation: int = 1,
+                 padding: int | None = None):
+        pad = dilation if padding is None else padding
+        super().__init__(nn.Conv2d(cin, cin, 3, stride, pad, dilation, groups=cin, bias=False),
+                         nn.Conv2d(cin, cout, 1, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class Residual(nn.Module):
+    """x + body(x): the skip is an identity, so the receptive field is the body's."""
+
+    def __init__(self, *layers: nn.Module):
+        super().__init__()
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class C40Net(nn.Module):
+    """Blocks C1..C4, then the head O: GAP -> dropout -> linear."""
+
+    def __init__(self, c1: nn.Module, c2: nn.Module, c3: nn.Module, c4: nn.Module,
+                 channels: int, dropout: float, num_classes: int):
+        super().__init__()
+        self.c1, self.c2, self.c3, self.c4 = c1, c2, c3, c4
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c4(self.c3(self.c2(self.c1(x))))  # (B, C, h, w) before GAP
+
+    def forward_head(self, f: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(self.gap(f).flatten(1)))  # (B, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+@register_model
+def strided(*, dropout: float = 0.0, width: float = 1.0, num_classes: int = 10) -> C40Net:
+    """FLOP-lean: one cheap conv at 32x32, then three 3x3 stride-2 transitions (16, 8, 4).
+
+    Channels grow where maps are small; the 8x8 and 4x4 stages use depthwise-separable convs
+    (dilated in C3) so the parameter budget goes where the FLOPs are cheap. ~41M FLOPs/image.
+    """
+    a, b, c, d = (_ch(n, width) for n in (32, 64, 96, 192))
+    p = dropout
+    c1 = ConvBN(3, a)                                                        # 32x32
+    c2 = nn.Sequential(ConvBN(a, b, stride=2), Residual(ConvBN(b, b)), nn.Dropout(p))  # 16x16
+    c3 = nn.Sequential(ConvBN(b, c, stride=2),                                # 8x8
+                       Residual(DepthwiseSeparable(c, c, dilation=2), DepthwiseSeparable(c, c)),
+                       nn.Dropout(p))
+    c4 = nn.Sequential(DepthwiseSeparable(c, d, stride=2),                   # 4x4
+                       Residual(DepthwiseSeparable(d, d)), nn.Dropout(p))
+    return C40Net(c1, c2, c3, c4, d, dropout, num_classes)
+
+
+@register_model
+def dilated(*, dropout: float = 0.0, width: float = 1.0, num_classes: int = 10) -> C40Net:
+    """No stride and no pooling before GAP: unpadded dilated convs shrink 32 -> 8 and grow the RF."""
+    a, b, c, d = (_ch(n, width) for n in (32, 48, 64, 128))
+    p = dropout
+    c1 = nn.Sequential(ConvBN(3, a), DepthwiseSeparable(a, a, dilation=2))          # 32x32
+    c2 = nn.Sequential(ConvBN(a, b, dilation=2, padding=0),                         # 28x28
+                       Residual(DepthwiseSeparable(b, b, dilation=2)), nn.Dropout(p))
+    c3 = nn.Sequential(ConvBN(b, c, dilation=4, padding=0),                         # 20x20
+                       Residual(DepthwiseSeparable(c, c, dilation=4)), nn.Dropout(p))
+    c4 = nn.Sequential(ConvBN(c, d, dilation=6, padding=0),                         # 8x8
+                       Residual(DepthwiseSeparable(d, d, dilation=2)), nn.Dropout(p))
+    return C40Net(c1, c2, c3, c4, d, dropout, num_classes)
