@@ -1,0 +1,77 @@
+"""Checkpoints: written atomically (temp file + fsync + rename), read with `weights_only=True`."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from c40.errors import CheckpointError
+
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
+    """Write `state` so that `path` is always either the old complete file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({**state, "format_version": FORMAT_VERSION}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Read a c40 checkpoint (tensors and plain data only); a clear error for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: unreadable checkpoint ({first[:200]})") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise CheckpointError(f"{path}: not a c40 checkpoint (no model/config entries)")
+    return state
+
+
+def load_model(path: str | os.PathLike, *, use_ema: bool = True,
+               map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the model a checkpoint was trained with; returns (model in eval mode, state)."""
+    from c40.model import create_model
+
+    state = load_checkpoint(path, map_location)
+    cfg = state["config"]
+    try:
+        model = create_model(cfg["arch"], dropout=cfg.get("dropout", 0.0),
+                             width=cfg.get("width", 1.0), num_classes=len(state.get("classes", range(10))))
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: checkpoint config is unusable ({e})") from None
+    weights = state["ema"] if use_ema and state.get("ema") else state["model"]
+    load_weights(model, weights, source=str(path))
+    return model.eval(), state
+
+
+def load_weights(model: nn.Module, weights: dict, source: str = "checkpoint") -> None:
+    """load_state_dict with a one-line error when the weights belong to another arch/width."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        detail = str(e).splitlines()[0]
+        raise CheckpointError(f"{source}: weights do not fit this model "
+                              f"(another arch or width?): {detail[:200]}") from None

@@ -1,0 +1,108 @@
+"""`c40` command line: summary, train, eval, report, predict, export, download.
+
+Every `C40Error` (bad data, flags, checkpoints) becomes one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from c40.errors import C40Error
+
+
+def _cmd_summary(args: argparse.Namespace) -> int:
+    from c40.model import create_model
+    from c40.receptive import format_summary, summarize
+
+    s = summarize(create_model(args.arch, dropout=args.dropout, width=args.width), args.arch)
+    if args.json:
+        print(json.dumps({k: v for k, v in s.items() if k != "layers"} | {"width": args.width}))
+    else:
+        print(format_summary(s))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from c40.config import config_from_args
+    from c40.model import create_model
+    from c40.receptive import summarize
+    from c40.train import fit
+
+    cfg = config_from_args(args)
+    s = summarize(create_model(cfg.arch, dropout=cfg.dropout, width=cfg.width), cfg.arch)
+    print(f"c40 train: recipe={cfg.recipe} arch={cfg.arch} params={s['params']:,} "
+          f"RF={s['receptive_field']} FLOPs/image={s['flops_per_image'] / 1e6:.1f}M "
+          f"epochs={cfg.epochs} out={cfg.out}", flush=True)
+    result = fit(cfg, progress=not args.no_progress)
+    print(f"final test accuracy: {result.accuracy:.4f} ({result.accuracy * 100:.2f}%) "
+          f"after {result.epochs} epochs, {result.seconds:.1f} s; checkpoint: "
+          f"{result.out / 'checkpoint.pt'}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from c40.inference import evaluate_checkpoint
+
+    ev, state = evaluate_checkpoint(args.checkpoint, data=args.data, tta=args.tta,
+                                    device=args.device)
+    cfg = state["config"]
+    if args.json:
+        print(json.dumps({"accuracy": ev.accuracy, "loss": ev.loss, "n": ev.n,
+                          "params": state["params"], "arch": cfg["arch"], "tta": args.tta}))
+    else:
+        print(f"{cfg['arch']}: accuracy {ev.accuracy:.4f} on {ev.n} test images "
+              f"(loss {ev.loss:.4f}, params {state['params']:,})")
+    return 0
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    from c40.data import download_cifar10
+
+    print(f"CIFAR-10 is in {download_cifar10(args.root)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from c40.config import add_config_flags
+    from c40.model import list_models
+
+    p = argparse.ArgumentParser(prog="c40", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("summary", help="per-layer table, parameters, receptive field, rule checks")
+    s.add_argument("--arch", default="strided", choices=list_models())
+    s.add_argument("--width", type=float, default=1.0)
+    s.add_argument("--dropout", type=float, default=0.0)
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(func=_cmd_summary)
+
+    t = sub.add_parser("train", help="train a model (default: the fast recipe)")
+    add_config_flags(t)
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("eval", help="test accuracy of a checkpoint")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--data", default=None)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--tta", action="store_true", help="average with the horizontal flip")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=_cmd_eval)
+
+    d = sub.add_parser("download", help="fetch CIFAR-10 (md5-checked) into ROOT")
+    d.add_argument("--root", default="data")
+    d.set_defaults(func=_cmd_download)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except C40Error as e:
+        print(f"c40 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"c40 {args.command}: interrupted", file=sys.stderr)
+        return 130
