@@ -42,17 +42,48 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from c40.inference import evaluate_checkpoint
+    from c40.inference import describe, evaluate_checkpoint
 
     ev, state = evaluate_checkpoint(args.checkpoint, data=args.data, tta=args.tta,
                                     device=args.device)
-    cfg = state["config"]
     if args.json:
-        print(json.dumps({"accuracy": ev.accuracy, "loss": ev.loss, "n": ev.n,
-                          "params": state["params"], "arch": cfg["arch"], "tta": args.tta}))
+        print(json.dumps(describe(ev, state, args.checkpoint, tta=args.tta)))
     else:
-        print(f"{cfg['arch']}: accuracy {ev.accuracy:.4f} on {ev.n} test images "
-              f"(loss {ev.loss:.4f}, params {state['params']:,})")
+        print(f"{state['config']['arch']}: accuracy {ev.accuracy:.4f} on {ev.n} test images "
+              f"(top-5 {ev.topk_accuracy(5):.4f}, loss {ev.loss:.4f}, "
+              f"params {state['params']:,})")
+        for name, acc in zip(ev.classes, ev.per_class_accuracy()):
+            print(f"  {name:<12} {acc:.4f}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from c40.inference import report_checkpoint
+
+    files = report_checkpoint(args.checkpoint, args.out, data=args.data, tta=args.tta,
+                              device=args.device, metrics=args.metrics)
+    print(f"report written to {files['report']} ({len(files)} files)")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from c40.inference import open_image, predict_checkpoint, to_input
+
+    images = [open_image(p) for p in args.images]
+    for path, im in zip(args.images, images):
+        note = to_input(im)[1]
+        if note:
+            print(f"c40 predict: note: {path}: {note}", file=sys.stderr)
+    for path, p in zip(args.images, predict_checkpoint(args.checkpoint, images,
+                                                       device=args.device)):
+        print(f"{path}\t{p.label}\t{p.confidence:.4f}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from c40.inference import export_checkpoint
+
+    print(f"exported {export_checkpoint(args.checkpoint, args.format, args.out)}")
     return 0
 
 
@@ -87,8 +118,30 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", default=None)
     e.add_argument("--device", default="auto")
     e.add_argument("--tta", action="store_true", help="average with the horizontal flip")
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=_cmd_eval)
+
+    r = sub.add_parser("report", help="figures, predictions.parquet and summary of a checkpoint")
+    r.add_argument("--checkpoint", required=True)
+    r.add_argument("--out", required=True, help="folder for the report files")
+    r.add_argument("--metrics", default=None, help="metrics.jsonl for the training curves "
+                   "(default: the history saved in the checkpoint)")
+    r.add_argument("--data", default=None)
+    r.add_argument("--device", default="auto")
+    r.add_argument("--tta", action="store_true", help="average with the horizontal flip")
+    r.set_defaults(func=_cmd_report)
+
+    pr = sub.add_parser("predict", help="class and confidence of image files (resized to 32x32)")
+    pr.add_argument("--checkpoint", required=True)
+    pr.add_argument("--device", default="auto")
+    pr.add_argument("images", nargs="+", metavar="IMAGE")
+    pr.set_defaults(func=_cmd_predict)
+
+    x = sub.add_parser("export", help="write the model as TorchScript or ONNX")
+    x.add_argument("--checkpoint", required=True)
+    x.add_argument("--format", required=True, choices=["torchscript", "onnx"])
+    x.add_argument("--out", required=True, help="output file")
+    x.set_defaults(func=_cmd_export)
 
     d = sub.add_parser("download", help="fetch CIFAR-10 (md5-checked) into ROOT")
     d.add_argument("--root", default="data")

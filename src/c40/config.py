@@ -51,6 +51,7 @@ class TrainConfig:
     tta: bool = True              # horizontal-flip test-time augmentation at evaluation
     subset: int | None = None     # use only the first N training images
     test_subset: int | None = None  # use only the first N test images
+    val_split: int = 0            # hold out N training images as a validation set (0: none)
     eval_every: int = 1           # evaluate on the test set every N epochs (and at the end)
     seed: int = 0                 # seeds model init, augmentation and shuffling
     device: str = "auto"          # auto | cpu | cuda | cuda:N
@@ -79,6 +80,7 @@ class TrainConfig:
             (self.weight_decay >= 0, f"weight-decay must be >= 0, got {self.weight_decay}"),
             (0 < self.ema_decay < 1, f"ema-decay must be in (0, 1), got {self.ema_decay}"),
             (self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
+            (self.val_split >= 0, f"val-split must be >= 0, got {self.val_split}"),
             (self.eval_every >= 1, f"eval-every must be >= 1, got {self.eval_every}"),
             (self.subset is None or self.subset >= 1, f"subset must be >= 1, got {self.subset}"),
             (self.test_subset is None or self.test_subset >= 1,

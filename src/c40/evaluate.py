@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -13,14 +14,43 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class Mistakes(NamedTuple):
+    """Misclassified samples, most confident first (arrays of equal length M)."""
+    indices: np.ndarray        # (M,) dataset indices
+    labels: np.ndarray         # (M,) true classes
+    preds: np.ndarray          # (M,) predicted classes
+    confidence: np.ndarray     # (M,) probability given to the (wrong) prediction
+
+
+def _to_numpy(x, dtype) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=dtype)
+
+
 @dataclass
 class Evaluation:
-    """Per-sample results of one pass; metrics are derived, never stored twice."""
+    """Per-sample results of one pass; metrics are derived, never stored twice.
+
+    Torch tensors (CPU or CUDA) are accepted and converted to numpy on construction.
+    """
     indices: np.ndarray        # (N,) int64 dataset indices
     labels: np.ndarray         # (N,) int64
     probs: np.ndarray          # (N, K) float32 softmax probabilities
     losses: np.ndarray         # (N,) float32 per-sample cross-entropy
     classes: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        self.indices = _to_numpy(self.indices, np.int64)
+        self.labels = _to_numpy(self.labels, np.int64)
+        self.probs = _to_numpy(self.probs, np.float32).reshape(len(self.labels), -1)
+        self.losses = _to_numpy(self.losses, np.float32)
+        self.classes = tuple(self.classes)
+        n, k = len(self.labels), len(self.classes)
+        if self.probs.shape != (n, k) or self.indices.shape != (n,) or self.losses.shape != (n,):
+            raise ValueError(f"inconsistent shapes: labels {self.labels.shape}, indices "
+                             f"{self.indices.shape}, losses {self.losses.shape}, probs "
+                             f"{self.probs.shape} for {k} classes")
 
     @property
     def n(self) -> int:
@@ -31,12 +61,92 @@ class Evaluation:
         return self.probs.argmax(1)
 
     @property
+    def confidence(self) -> np.ndarray:
+        """(N,) probability of the predicted class."""
+        return self.probs.max(1) if self.n else np.zeros(0, np.float32)
+
+    @property
     def accuracy(self) -> float:
         return float((self.preds == self.labels).mean()) if self.n else 0.0
 
     @property
     def loss(self) -> float:
         return float(self.losses.mean()) if self.n else 0.0
+
+    # ------------------------------------------------------------------ derived metrics
+    def confusion(self, normalize: bool = False) -> np.ndarray:
+        """(K, K) int64 counts; rows are true classes, columns predictions.
+
+        normalize: each row divided by its class count (float; rows of absent classes are 0).
+        """
+        k = len(self.classes)
+        counts = np.bincount(self.labels * k + self.preds, minlength=k * k).reshape(k, k)
+        if not normalize:
+            return counts
+        return counts / np.maximum(counts.sum(1, keepdims=True), 1)
+
+    def class_counts(self) -> np.ndarray:
+        """(K,) number of samples of each true class."""
+        return np.bincount(self.labels, minlength=len(self.classes))
+
+    def per_class_accuracy(self) -> np.ndarray:
+        """(K,) fraction of each class's samples predicted correctly; NaN for absent classes."""
+        counts = self.class_counts()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.diag(self.confusion()) / counts.astype(np.float64)
+
+    def missed_fraction(self) -> np.ndarray:
+        """(K,) fraction of each class's samples misclassified; NaN for absent classes."""
+        return 1.0 - self.per_class_accuracy()
+
+    def topk_accuracy(self, k: int) -> float:
+        """Fraction of samples whose label is among the k most probable classes (ties broken
+        towards the lower class index, as argmax does, so top-1 equals `accuracy`)."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if not self.n:
+            return 0.0
+        top = np.argsort(-self.probs, axis=1, kind="stable")[:, :k]
+        return float((top == self.labels[:, None]).any(1).mean())
+
+    def misclassified(self, limit: int | None = None) -> Mistakes:
+        """Wrong predictions, most confident first (ties: lower dataset index first)."""
+        preds = self.preds
+        wrong = np.flatnonzero(preds != self.labels)
+        conf = self.confidence[wrong]
+        order = wrong[np.lexsort((self.indices[wrong], -conf))][:limit]
+        return Mistakes(self.indices[order], self.labels[order], preds[order],
+                        self.confidence[order])
+
+    @classmethod
+    def merge(cls, parts: Sequence["Evaluation"]) -> "Evaluation":
+        """Partial results (e.g. one per worker) -> one Evaluation ordered by dataset index.
+
+        A sample seen by several parts (DistributedSampler pads shards by repeating indices)
+        is counted once.
+        """
+        if not parts:
+            raise ValueError("merge needs at least one Evaluation")
+        classes = parts[0].classes
+        if any(p.classes != classes for p in parts):
+            raise ValueError("cannot merge evaluations over different classes")
+        indices = np.concatenate([p.indices for p in parts])
+        _, first = np.unique(indices, return_index=True)  # sorted by index, duplicates dropped
+        pick = lambda name: np.concatenate([getattr(p, name) for p in parts])[first]  # noqa: E731
+        return cls(indices[first], pick("labels"), pick("probs"), pick("losses"), classes)
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary (NaN for a class without samples becomes null)."""
+        acc, missed = self.per_class_accuracy(), self.missed_fraction()
+        num = lambda v: None if np.isnan(v) else float(v)  # noqa: E731
+        return {
+            "accuracy": self.accuracy, "loss": self.loss, "n": self.n,
+            "top5": self.topk_accuracy(5),
+            "per_class": {name: {"accuracy": num(acc[i]), "missed_fraction": num(missed[i]),
+                                 "n": int(c)}
+                          for i, (name, c) in enumerate(zip(self.classes, self.class_counts()))},
+            "confusion": self.confusion().tolist(),
+        }
 
 
 def _autocast(device: torch.device, amp_dtype: torch.dtype | None):

@@ -1,23 +1,183 @@
-"""Loading a trained checkpoint and running it on a dataset (used by eval, report, predict)."""
+"""Using a trained checkpoint: evaluate it on a dataset, write its report, predict single
+images, export it (TorchScript / ONNX). The CLI commands eval, report, predict and export are
+thin wrappers over these functions.
+"""
 from __future__ import annotations
 
-import torch
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
 
+import numpy as np
+import torch
+from torch import nn
+
+from c40.augment import normalize
 from c40.checkpoint import load_model
-from c40.data import load_dataset, resolve_data_root
+from c40.data import Dataset, load_dataset, resolve_data_root
+from c40.errors import C40Error, DataError
 from c40.evaluate import Evaluation, evaluate
 from c40.loaders import LoaderSpec, TensorLoader
 from c40.train import resolve_amp, resolve_device
+
+SIZE = 32  # the models' input side in pixels
+EXPORT_FORMATS = ("torchscript", "onnx")
+
+
+# ---------------------------------------------------------------------------- evaluation
+def evaluate_model(model: nn.Module, state: dict, ds: Dataset, device: torch.device, *,
+                   tta: bool = False) -> Evaluation:
+    """`model` on `ds`, normalised with the checkpoint's training statistics."""
+    spec = LoaderSpec(1024, state["mean"], state["std"])
+    with TensorLoader(ds.images, ds.labels, spec, device) as loader:
+        return evaluate(model, loader, ds.classes, amp_dtype=resolve_amp("auto", device), tta=tta)
+
+
+def _load(path, device: str) -> tuple[nn.Module, dict, torch.device]:
+    dev = resolve_device(device)
+    model, state = load_model(path, map_location="cpu")
+    return model.to(dev, memory_format=torch.channels_last), state, dev
 
 
 def evaluate_checkpoint(path, *, data=None, tta: bool = False, device: str = "auto",
                         split: str = "test") -> tuple[Evaluation, dict]:
     """The checkpoint's model on a split of the data, normalised with its training statistics."""
-    dev = resolve_device(device)
-    model, state = load_model(path, map_location="cpu")
-    model = model.to(dev, memory_format=torch.channels_last)
+    model, state, dev = _load(path, device)
     ds = load_dataset(resolve_data_root(data), split)
-    spec = LoaderSpec(1024, state["mean"], state["std"])
-    with TensorLoader(ds.images, ds.labels, spec, dev) as loader:
-        ev = evaluate(model, loader, ds.classes, amp_dtype=resolve_amp("auto", dev), tta=tta)
-    return ev, state
+    return evaluate_model(model, state, ds, dev, tta=tta), state
+
+
+def describe(ev: Evaluation, state: dict, checkpoint, *, tta: bool) -> dict:
+    """`ev.to_dict()` plus what produced it: the dict `c40 eval --json` prints and
+    summary.json holds."""
+    cfg = state["config"]
+    return ev.to_dict() | {"params": state.get("params"), "arch": cfg.get("arch"),
+                           "width": cfg.get("width"), "tta": tta,
+                           "checkpoint": str(checkpoint), "classes": list(ev.classes)}
+
+
+def report_checkpoint(path, out, *, data=None, tta: bool = False, device: str = "auto",
+                      metrics=None) -> dict[str, Path]:
+    """Evaluate a checkpoint on the test set and write the full report into `out`.
+
+    The training curves come from `metrics` (a metrics.jsonl) when given, else from the
+    history stored in the checkpoint.
+    """
+    from c40.report import read_metrics, write_report
+
+    history = read_metrics(metrics) if metrics is not None else None
+    model, state, dev = _load(path, device)
+    root = resolve_data_root(data)
+    test = load_dataset(root, "test")
+    ev = evaluate_model(model, state, test, dev, tta=tta)
+    try:
+        train = load_dataset(root, "train")
+    except DataError:
+        train = None  # e.g. an image folder with only test/: no training grid
+    return write_report(ev, out, images=test.images, train=train,
+                        history=history if history is not None else state.get("history"),
+                        meta=describe(ev, state, path, tta=tta))
+
+
+# ---------------------------------------------------------------------------- prediction
+@dataclass
+class Prediction:
+    label: str                  # most probable class name
+    confidence: float           # its probability
+    probs: np.ndarray           # (K,) float32 class probabilities
+
+
+def open_image(path) -> "PIL.Image.Image":  # noqa: F821
+    """Read any image PIL understands; a one-line DataError otherwise."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: image not found")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"{path}: not a readable image ({e})") from None
+
+
+def to_input(image) -> tuple[np.ndarray, str | None]:
+    """PIL image -> ((32, 32, 3) uint8, note) where note says what was converted, if anything."""
+    from PIL import Image
+
+    notes = []
+    if image.mode != "RGB":
+        notes.append(f"converted from {image.mode} to RGB")
+        image = image.convert("RGB")
+    if image.size != (SIZE, SIZE):
+        notes.append(f"resized from {image.size[0]}x{image.size[1]} to {SIZE}x{SIZE}")
+        image = image.resize((SIZE, SIZE), Image.BILINEAR)
+    return np.asarray(image, dtype=np.uint8), "; ".join(notes) or None
+
+
+@torch.no_grad()
+def predict_images(model: nn.Module, state: dict, images: Sequence) -> list[Prediction]:
+    """Class probabilities for PIL images of any size (resized to 32x32)."""
+    if not images:
+        return []
+    device = next(model.parameters()).device
+    x = np.stack([to_input(im)[0] for im in images])                      # (B, 32, 32, 3) uint8
+    x = torch.from_numpy(x).permute(0, 3, 1, 2).to(device)               # (B, 3, 32, 32)
+    mean = torch.tensor(state["mean"], dtype=torch.float32, device=device)
+    std = torch.tensor(state["std"], dtype=torch.float32, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        probs = model(normalize(x, mean, std)).float().softmax(-1).cpu().numpy()
+    finally:
+        model.train(was_training)
+    classes = state.get("classes") or [str(i) for i in range(probs.shape[1])]
+    return [Prediction(classes[int(p.argmax())], float(p.max()), p) for p in probs]
+
+
+def predict_checkpoint(path, images: Sequence, *, device: str = "auto") -> list[Prediction]:
+    model, state, _ = _load(path, device)
+    return predict_images(model, state, images)
+
+
+# ---------------------------------------------------------------------------- export
+def _write_atomic(out: Path, write) -> Path:
+    from c40.report import atomic_path
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out) as tmp:
+            write(tmp)
+    except OSError as e:
+        raise C40Error(f"cannot write {out} ({e.strerror or e})") from None
+    return out
+
+
+def export_checkpoint(path, fmt: str, out) -> Path:
+    """Export the checkpoint's model (input: normalised float (B, 3, 32, 32), output: logits).
+
+    TorchScript files carry `c40.json` (classes, mean, std, arch) as an extra file; ONNX needs
+    the optional `onnx` package.
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise C40Error(f"unknown export format '{fmt}' (choose from {', '.join(EXPORT_FORMATS)})")
+    if fmt == "onnx" and importlib.util.find_spec("onnx") is None:
+        raise C40Error("ONNX export needs the 'onnx' package, which is not installed "
+                       "(pip install onnx onnxscript), or use --format torchscript")
+    model, state = load_model(path, map_location="cpu")
+    example = torch.zeros(1, 3, SIZE, SIZE)
+    info = {"classes": state.get("classes"), "mean": state["mean"], "std": state["std"],
+            "arch": state["config"].get("arch"), "params": state.get("params"),
+            "input": "normalised float (B, 3, 32, 32): (pixels / 255 - mean) / std"}
+    if fmt == "torchscript":
+        scripted = torch.jit.trace(model, example)
+        write = lambda tmp: torch.jit.save(scripted, tmp,  # noqa: E731
+                                           _extra_files={"c40.json": json.dumps(info)})
+    else:
+        write = lambda tmp: torch.onnx.export(  # noqa: E731
+            model, (example,), tmp, input_names=["images"], output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    return _write_atomic(Path(out), write)

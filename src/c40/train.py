@@ -146,6 +146,9 @@ def _setup(cfg: TrainConfig, device: torch.device, rank: int, world_size: int,
     root = resolve_data_root(cfg.data)
     train = load_dataset(root, "train").subset(cfg.subset)
     test = load_dataset(root, "test").subset(cfg.test_subset)
+    val = None
+    if cfg.val_split:
+        train, val = train.split(cfg.val_split, seed=cfg.seed)
     mean, std = channel_stats(train.images)
     model = create_model(cfg.arch, dropout=cfg.dropout, width=cfg.width,
                          num_classes=len(train.classes))
@@ -162,6 +165,7 @@ def _setup(cfg: TrainConfig, device: torch.device, rank: int, world_size: int,
     train_loader = create_loader(cfg.loader, train.images, train.labels, spec, device, cfg.workers)
     test_spec = LoaderSpec(1024, mean, std, channels_last=cfg.channels_last)
     test_loader = TensorLoader(test.images, test.labels, test_spec, device)
+    val_loader = TensorLoader(val.images, val.labels, test_spec, device) if val is not None else None
     opt = create_optimizer(model, cfg)
     sched = create_scheduler(opt, cfg, cfg.epochs * len(train_loader))
     amp = resolve_amp(cfg.amp, device)
@@ -173,7 +177,8 @@ def _setup(cfg: TrainConfig, device: torch.device, rank: int, world_size: int,
             use_buffers=True)
     run = _Run(cfg=cfg, device=device, rank=rank, world_size=world_size, model=model, ema=ema,
                opt=opt, sched=sched, scaler=scaler, amp=amp, train=train, test=test,
-               train_loader=train_loader, test_loader=test_loader, mean=mean, std=std,
+               train_loader=train_loader, test_loader=test_loader, val_loader=val_loader,
+               mean=mean, std=std,
                params=params, start_epoch=0, step=0, history=[])
     ckpt_path = Path(resume_from) if resume_from else (Path(cfg.out) / "checkpoint.pt" if cfg.resume else None)
     if ckpt_path is not None:
@@ -253,10 +258,11 @@ def train_one_epoch(run: _Run, epoch: int, progress: bool) -> dict:
             "images_per_s": seen * run.world_size / seconds, "train_seconds": seconds}
 
 
-def evaluate_run(run: _Run):
-    """Test-set evaluation of the EMA weights when kept, else of the live model."""
+def evaluate_run(run: _Run, split: str = "test"):
+    """Evaluation of the EMA weights when kept, else of the live model, on test or val."""
     model = run.ema.module if run.ema is not None else _unwrap(run.model)
-    return evaluate(model, run.test_loader, run.test.classes, amp_dtype=run.amp, tta=run.cfg.tta)
+    loader = run.val_loader if split == "val" else run.test_loader
+    return evaluate(model, loader, run.test.classes, amp_dtype=run.amp, tta=run.cfg.tta)
 
 
 def fit(cfg: TrainConfig, *, device: torch.device | str | None = None, rank: int = 0,
@@ -280,8 +286,12 @@ def fit(cfg: TrainConfig, *, device: torch.device | str | None = None, rank: int
             t0 = time.perf_counter()
             metrics = {"epoch": epoch + 1, "lr": run.opt.param_groups[0]["lr"]}
             metrics.update(train_one_epoch(run, epoch, progress))
-            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                ev = evaluate_run(run)
+            last = epoch + 1 == cfg.epochs
+            if run.val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or last):
+                ev = evaluate_run(run, "val")
+                metrics.update(val_loss=ev.loss, val_acc=ev.accuracy)
+            if last or (run.val_loader is None and (epoch + 1) % cfg.eval_every == 0):
+                ev = evaluate_run(run, "test")
                 metrics.update(test_loss=ev.loss, test_acc=ev.accuracy)
             metrics.update(seconds=time.perf_counter() - t0, elapsed=time.perf_counter() - t_start)
             run.history.append(metrics)

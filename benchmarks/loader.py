@@ -1,0 +1,169 @@
+"""Loader throughput (images/s) on real CIFAR-10 with the training augmentations (p=0.5):
+
+  (a) baseline: torch DataLoader, per-sample albumentations Compose (with Normalize) in
+      `Dataset.__getitem__` returning a CHW float tensor, default collate, N workers
+  (b) c40.cpu_loader.AlbumentationsLoader, N workers (the same albumentations pipeline)
+  (c) c40.loaders.TensorLoader on CPU tensors (batch tensor augmentations)
+  (d) TensorLoader on CUDA, when a GPU is present
+
+Each is timed over K batches after one warm-up batch (worker start-up excluded), until the batch
+is on the device (CUDA synchronised); R interleaved rounds, the median is reported. Usage:
+  python benchmarks/loader.py --data DIR --workers 2 --batches 60 --json --out benchmarks/results/loader.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import machine_info, write_result  # noqa: E402
+
+from c40.augment import create_albumentations  # noqa: E402
+from c40.cpu_loader import AlbumentationsLoader  # noqa: E402
+from c40.data import channel_stats, load_cifar10, resolve_data_root  # noqa: E402
+from c40.errors import C40Error  # noqa: E402
+from c40.loaders import LoaderSpec, TensorLoader  # noqa: E402
+
+
+class _AlbuDataset(torch.utils.data.Dataset):
+    """The usual per-sample dataset: albumentations (+ Normalize) then HWC -> CHW float tensor."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, mean, std, p: float):
+        self.images, self.labels = images, labels
+        self.compose = create_albumentations(mean, std, p, normalize=True)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        x = self.compose(image=self.images[i])["image"]            # (32, 32, 3) float32
+        return torch.from_numpy(x.transpose(2, 0, 1)), int(self.labels[i])  # like ToTensorV2
+
+
+def _worker_init(_: int) -> None:
+    import cv2
+    cv2.setNumThreads(0)  # the same thread setting our loader's workers use: a fair baseline
+
+
+def _measure(loader, batches: int, batch_size: int, device: torch.device) -> float:
+    """Images/s over `batches` batches after one warm-up batch, delivered on `device`."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    it = iter(loader)
+    x, y = next(it)  # warm-up: worker start-up and first-batch latency are not throughput
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        x, y = next(it)
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+    sync()
+    return batches * batch_size / (time.perf_counter() - t0)
+
+
+def _ratio(a: float | None, b: float) -> float | None:
+    return None if a is None else round(a / b, 2)
+
+
+def run(args) -> dict:
+    root = resolve_data_root(args.data)
+    data = load_cifar10(root, "train")
+    need = (args.batches + 1) * args.batch_size
+    if need > len(data):
+        raise C40Error(f"--batches {args.batches} x --batch-size {args.batch_size} needs {need} "
+                       f"images, the training set has {len(data)}")
+    mean, std = channel_stats(data.images[:10_000])  # 10k images estimate the stats to <1e-3
+    spec = LoaderSpec(batch_size=args.batch_size, mean=mean, std=std, augment=True, p=args.p,
+                      shuffle=True, drop_last=True, seed=0)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    k, b = args.batches, args.batch_size
+    ds = _AlbuDataset(data.images, data.labels, mean, std, args.p)
+    samples: dict[str, list[float]] = {"baseline_img_s": [], "cpu_loader_img_s": [],
+                                       "tensor_cpu_img_s": [], "tensor_cuda_img_s": []}
+    load_before = os.getloadavg()
+    with AlbumentationsLoader(data.images, data.labels, spec, device, workers=args.workers) as al:
+        tl = TensorLoader(data.images, data.labels, spec, "cpu")
+        tg = TensorLoader(data.images, data.labels, spec, device) if cuda else None
+        # Rounds interleave the loaders so a burst of load from other processes hits all of them;
+        # the median of the rounds is reported.
+        for r in range(args.repeats):
+            dl = torch.utils.data.DataLoader(ds, batch_size=b, shuffle=True, drop_last=True,
+                                             num_workers=args.workers, pin_memory=cuda,
+                                             worker_init_fn=_worker_init if args.workers else None)
+            samples["baseline_img_s"].append(_measure(dl, k, b, device))
+            del dl  # stops its workers before the next measurement
+            for loader in (al, tl, tg):
+                if loader is not None:
+                    loader.set_epoch(r)
+            samples["cpu_loader_img_s"].append(_measure(al, k, b, device))
+            samples["tensor_cpu_img_s"].append(_measure(tl, k, b, torch.device("cpu")))
+            if tg is not None:
+                samples["tensor_cuda_img_s"].append(_measure(tg, k, b, device))
+    res: dict = {key: round(float(np.median(v)), 1) if v else None for key, v in samples.items()}
+    if not cuda:
+        res["tensor_cuda_note"] = "skipped: torch.cuda.is_available() is False"
+    base = res["baseline_img_s"]
+    res["cpu_loader_vs_baseline"] = _ratio(res["cpu_loader_img_s"], base)
+    res["tensor_cpu_vs_baseline"] = _ratio(res["tensor_cpu_img_s"], base)
+    res["tensor_cuda_vs_baseline"] = _ratio(res["tensor_cuda_img_s"], base)
+    res["samples"] = {key: [round(x, 1) for x in v] for key, v in samples.items()}
+    res["config"] = {"workers": args.workers, "batches": k, "batch_size": b, "p": args.p,
+                     "repeats": args.repeats, "images": len(data), "data": str(root),
+                     "device_for_a_b": str(device)}
+    res["loadavg_1m_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
+    res["machine"] = machine_info()
+    return res
+
+
+def _parse(argv=None) -> argparse.Namespace:
+    def positive(s: str) -> int:
+        v = int(s)
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+        return v
+
+    def non_negative(s: str) -> int:
+        v = int(s)
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+        return v
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", action="store_true", help="print the result as JSON")
+    ap.add_argument("--workers", type=non_negative, default=2, help="worker processes for (a), (b)")
+    ap.add_argument("--batches", type=positive, default=60, help="timed batches per loader")
+    ap.add_argument("--batch-size", type=positive, default=512)
+    ap.add_argument("--repeats", type=positive, default=3, help="interleaved rounds (median)")
+    ap.add_argument("--p", type=float, default=0.5, help="probability of each augmentation")
+    ap.add_argument("--data", default=None, help="cifar-10-batches-py folder (else $C40_DATA)")
+    ap.add_argument("--out", default=None, help="also write the JSON result to this file")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    try:
+        res = run(args)
+    except C40Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.out:
+        write_result(args.out, res)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        for k in ("baseline_img_s", "cpu_loader_img_s", "tensor_cpu_img_s", "tensor_cuda_img_s"):
+            print(f"{k:>20}: {res[k] if res[k] is not None else 'skipped'}")
+        for k in ("cpu_loader_vs_baseline", "tensor_cpu_vs_baseline", "tensor_cuda_vs_baseline"):
+            print(f"{k:>24}: {res[k]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
