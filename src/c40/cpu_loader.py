@@ -112,7 +112,8 @@ def _shutdown(procs, queues, shms) -> None:
 class AlbumentationsLoader:
     """Albumentations per image in `workers` forked processes; the `TensorLoader` interface.
 
-    `workers=0` augments in the calling process. Use as a context manager (or call `close()`):
+    `workers=0` augments in the calling process. One iteration at a time: starting a new one
+    abandons the previous. Use as a context manager (or call `close()`):
     that stops the workers and frees the shared memory even when the consuming loop raises.
     `timeout` (s) bounds the wait for one batch before a clear error instead of a hang.
     """
@@ -182,9 +183,12 @@ class AlbumentationsLoader:
             return
         self._drain()  # an earlier, abandoned iteration may still be writing into slots
         self._token += 1
+        token = self._token
         free, done, submitted = list(range(len(self._slots))), {}, 0
         try:
             for b, idx in enumerate(batches):
+                if self._closed:
+                    raise RuntimeError("AlbumentationsLoader was closed during the epoch")
                 while submitted < len(batches) and free:  # keep every free slot busy
                     self._submit(epoch, submitted, free.pop(), batches[submitted])
                     submitted += 1
@@ -196,7 +200,8 @@ class AlbumentationsLoader:
                 free.append(slot)
                 yield x, self._to_device_labels(idx)
         finally:
-            self._drain()
+            if self._token == token:  # a newer iteration has already drained this one's tasks
+                self._drain()
 
     def _submit(self, epoch: int, batch: int, slot: int, idx: np.ndarray) -> None:
         self._pending.add(batch)

@@ -43,7 +43,7 @@ class Evaluation:
     def __post_init__(self) -> None:
         self.indices = _to_numpy(self.indices, np.int64)
         self.labels = _to_numpy(self.labels, np.int64)
-        self.probs = _to_numpy(self.probs, np.float32).reshape(len(self.labels), -1)
+        self.probs = _to_numpy(self.probs, np.float32)
         self.losses = _to_numpy(self.losses, np.float32)
         self.classes = tuple(self.classes)
         n, k = len(self.labels), len(self.classes)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -30,6 +31,10 @@ EXPORT_FORMATS = ("torchscript", "onnx")
 def evaluate_model(model: nn.Module, state: dict, ds: Dataset, device: torch.device, *,
                    tta: bool = False) -> Evaluation:
     """`model` on `ds`, normalised with the checkpoint's training statistics."""
+    trained_on = tuple(state.get("classes") or ds.classes)
+    if trained_on != tuple(ds.classes):
+        raise DataError(f"the data's classes {list(ds.classes)} are not the ones the checkpoint "
+                        f"was trained on {list(trained_on)}")
     spec = LoaderSpec(1024, state["mean"], state["std"])
     with TensorLoader(ds.images, ds.labels, spec, device) as loader:
         return evaluate(model, loader, ds.classes, amp_dtype=resolve_amp("auto", device), tta=tta)
@@ -173,9 +178,14 @@ def export_checkpoint(path, fmt: str, out) -> Path:
             "arch": state["config"].get("arch"), "params": state.get("params"),
             "input": "normalised float (B, 3, 32, 32): (pixels / 255 - mean) / std"}
     if fmt == "torchscript":
-        scripted = torch.jit.trace(model, example)
-        write = lambda tmp: torch.jit.save(scripted, tmp,  # noqa: E731
-                                           _extra_files={"c40.json": json.dumps(info)})
+        with warnings.catch_warnings():  # torch >= 2.10 marks TorchScript deprecated; asked for
+            warnings.simplefilter("ignore", FutureWarning)
+            scripted = torch.jit.trace(model, example)
+
+        def write(tmp):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                torch.jit.save(scripted, tmp, _extra_files={"c40.json": json.dumps(info)})
     else:
         write = lambda tmp: torch.onnx.export(  # noqa: E731
             model, (example,), tmp, input_names=["images"], output_names=["logits"],

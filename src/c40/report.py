@@ -138,7 +138,8 @@ def plot_confusion(ev: Evaluation, path: Path) -> Path:
 
 def plot_curves(history: Sequence[dict], path: Path) -> Path:
     """Loss, accuracy and learning rate per epoch from metrics.jsonl rows."""
-    panels = [("loss", ("train_loss", "test_loss")), ("accuracy", ("train_acc", "test_acc")),
+    panels = [("loss", ("train_loss", "val_loss", "test_loss")),
+              ("accuracy", ("train_acc", "val_acc", "test_acc")),
               ("learning rate", ("lr",))]
     fig = _figure(13, 3.6)
     for ax, (title, keys) in zip(fig.subplots(1, 3), panels):
@@ -181,7 +182,11 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     if not path.is_file():
         raise DataError(f"{path}: metrics file not found")
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: unreadable metrics file ({e})") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
@@ -227,6 +232,14 @@ def write_report(ev: Evaluation, out: str | os.PathLike, *, images: np.ndarray,
         (out / "REPORT.md").unlink(missing_ok=True)  # present again only once all is written
     except OSError as e:
         raise C40Error(f"report folder {out} is not writable ({e.strerror})") from None
+    try:
+        return _write_files(ev, out, images, train, history, meta or {})
+    except OSError as e:  # disk full, permissions: one line, and REPORT.md stays absent
+        raise C40Error(f"could not write the report into {out} ({e.strerror or e})") from None
+
+
+def _write_files(ev: Evaluation, out: Path, images: np.ndarray, train: Dataset | None,
+                 history: Sequence[dict] | None, meta: dict) -> dict[str, Path]:
     files: dict[str, Path] = {}
     if train is not None:
         files["train_grid"] = plot_train_grid(train, out / "train_grid.png")
@@ -236,7 +249,7 @@ def write_report(ev: Evaluation, out: str | os.PathLike, *, images: np.ndarray,
     files["per_class_missed"] = plot_per_class_missed(ev, out / "per_class_missed.png")
     files["confusion"] = plot_confusion(ev, out / "confusion.png")
     files["predictions"] = write_predictions(ev, out / "predictions.parquet")
-    summary = ev.to_dict() | (meta or {})
+    summary = ev.to_dict() | meta
     files["summary"] = write_json(summary, out / "summary.json")
     with atomic_path(out / "REPORT.md") as tmp:
         Path(tmp).write_text(_markdown(summary, files))

@@ -299,8 +299,7 @@ def fit(cfg: TrainConfig, *, device: torch.device | str | None = None, rank: int
             if rank == 0:
                 ckpt = save_checkpoint(_checkpoint_state(run, epoch + 1), out / "checkpoint.pt")
                 _write_metrics(out / "metrics.jsonl", run.history)
-                if progress:
-                    tqdm.write(_epoch_line(metrics))
+                tqdm.write(_epoch_line(metrics)) if progress else print(_epoch_line(metrics), flush=True)
             if report is not None:
                 report(metrics, ckpt)
     finally:

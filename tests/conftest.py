@@ -1,0 +1,44 @@
+"""Shared fixtures: the real CIFAR-10 folder beside the repo, small slices of it, tiny copies."""
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("C40_TEST_DATA", REPO.parent / "shared" / "cifar-10-batches-py"))
+
+
+@pytest.fixture(scope="session")
+def cifar_dir() -> Path:
+    if not (SHARED_DATA / "test_batch").exists():
+        pytest.skip(f"real CIFAR-10 not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+def write_batch(path: Path, data: np.ndarray, labels, protocol: int = 4) -> Path:
+    with open(path, "wb") as f:
+        pickle.dump({b"batch_label": b"test", b"labels": list(labels), b"data": data,
+                     b"filenames": [b"x.png"] * len(data)}, f, protocol=protocol)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_cifar(tmp_path_factory, cifar_dir) -> Path:
+    """A cifar-10-batches-py folder of real images: 5 x 200 train, 200 test (fast to load)."""
+    from c40.data import read_batch
+
+    root = tmp_path_factory.mktemp("tiny") / "cifar-10-batches-py"
+    root.mkdir()
+    images, labels = read_batch(cifar_dir / "data_batch_1")
+    test_images, test_labels = read_batch(cifar_dir / "test_batch")
+    chw = lambda x: x.transpose(0, 3, 1, 2).reshape(len(x), -1)  # noqa: E731  NHWC -> CHW rows
+    for i in range(5):
+        sl = slice(i * 200, (i + 1) * 200)
+        write_batch(root / f"data_batch_{i + 1}", chw(images[sl]), labels[sl])
+    write_batch(root / "test_batch", chw(test_images[:200]), test_labels[:200])
+    (root / "batches.meta").write_bytes((cifar_dir / "batches.meta").read_bytes())
+    return root

@@ -1,0 +1,85 @@
+"""The real `c40` command line: JSON summaries, and one-line errors with exit code 2."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def c40(*args, env=None, cwd=None):
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "c40", *args], capture_output=True, text=True,
+                          env=full_env, cwd=cwd, timeout=300)
+
+
+@pytest.mark.parametrize("arch", ["strided", "dilated"])
+def test_summary_json_meets_every_rule(arch):
+    r = c40("summary", "--arch", arch, "--json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s["arch"] == arch and s["params"] < 200_000 and s["receptive_field"] > 44
+    assert s["max_pool"] is False and s["gap"] is True
+    assert s["depthwise_separable"] >= 1 and s["dilated_convs"] >= 1
+    assert s["strided_convs"] == (3 if arch == "strided" else 0)
+    assert s["flops_per_image"] > 1e6
+
+
+def test_summary_table():
+    r = c40("summary", "--arch", "strided")
+    assert r.returncode == 0 and "RF=" in r.stdout and "DepthwiseConv2d" in r.stdout
+
+
+def _assert_clean_error(r, *words):
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_missing_data_folder(tmp_path):
+    r = c40("train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
+    _assert_clean_error(r, "does not exist", "c40 download")
+    assert not (tmp_path / "o" / "checkpoint.pt").exists()
+
+
+def test_default_data_folder_hint(tmp_path):
+    env = {"C40_DATA": ""}
+    r = c40("train", "--out", str(tmp_path / "o"), env=env, cwd=tmp_path)
+    _assert_clean_error(r, "data/cifar-10-batches-py", "--data")
+
+
+def test_corrupt_batch_file_through_cli(tiny_cifar, tmp_path):
+    bad = tmp_path / "cifar"
+    bad.mkdir()
+    for f in tiny_cifar.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    (bad / "data_batch_3").write_bytes(b"\x80\x04garbage")
+    r = c40("train", "--data", str(bad), "--out", str(tmp_path / "o"), "--epochs", "1")
+    _assert_clean_error(r, "data_batch_3")
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--epochs", "0"], ["epochs must be >= 1"]),
+    (["--lr", "-1"], ["lr must be > 0"]),
+    (["--dropout", "1.0"], ["dropout must be in [0, 1)"]),
+    (["--arch", "resnet"], ["unknown arch 'resnet'"]),
+    (["--recipe", "slow"], ["unknown recipe 'slow'"]),
+    (["--width", "3"], ["parameters", "200,000"]),
+])
+def test_bad_train_values(tiny_cifar, tmp_path, flags, words):
+    r = c40("train", "--data", str(tiny_cifar), "--out", str(tmp_path / "o"), *flags)
+    _assert_clean_error(r, *words)
+
+
+def test_unknown_flag_is_a_usage_error():
+    r = c40("summary", "--arch", "nope")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_eval_missing_and_corrupt_checkpoint(tmp_path):
+    _assert_clean_error(c40("eval", "--checkpoint", str(tmp_path / "x.pt")), "not found")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    _assert_clean_error(c40("eval", "--checkpoint", str(bad)), "unreadable checkpoint")

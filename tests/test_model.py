@@ -1,0 +1,58 @@
+import pytest
+import torch
+from torch import nn
+
+from c40.model import count_params, create_model, list_models
+from c40.receptive import summarize
+
+ARCHS = list_models()
+
+
+def test_both_archs_are_registered():
+    assert set(ARCHS) >= {"strided", "dilated"}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_assignment_rules(arch):
+    model = create_model(arch, dropout=0.1)
+    s = summarize(model, arch)
+    assert s["params"] < 200_000
+    assert s["params"] == sum(p.numel() for p in model.parameters())  # nothing frozen hides params
+    assert s["receptive_field"] > 44
+    assert not s["max_pool"] and not any(isinstance(m, (nn.MaxPool2d, nn.AdaptiveMaxPool2d))
+                                         for m in model.modules())
+    assert s["depthwise_separable"] >= 1 and s["dilated_convs"] >= 1
+    assert s["gap"] and s["batchnorm"]
+    if arch == "strided":
+        assert s["strided_convs"] == 3
+        strided = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.stride[0] > 1]
+        assert all(m.kernel_size == (3, 3) and m.stride == (2, 2) for m in strided)
+    else:
+        assert s["strided_convs"] == 0
+        assert all(m.stride == (1, 1) for m in model.modules() if isinstance(m, nn.Conv2d))
+        assert not any(isinstance(m, (nn.AvgPool2d, nn.MaxPool2d)) for m in model.modules())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_forward_shapes_and_any_input_size(arch):
+    model = create_model(arch).eval()
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert model(torch.randn(1, 3, 48, 48)).shape == (1, 10)  # GAP head: fully convolutional
+    assert model.forward_features(torch.randn(1, 3, 32, 32)).dim() == 4
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dropout_is_configurable(arch):
+    drops = [m.p for m in create_model(arch, dropout=0.25).modules() if isinstance(m, nn.Dropout)]
+    assert drops and all(p == 0.25 for p in drops)
+
+
+def test_width_scales_params_and_unknown_arch_fails():
+    assert count_params(create_model("strided", width=0.5)) < count_params(create_model("strided"))
+    with pytest.raises(ValueError, match="unknown arch 'resnet'"):
+        create_model("resnet")
+
+
+def test_model_is_pure():
+    model = create_model("strided")
+    assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters())

@@ -1,0 +1,96 @@
+"""tune/search.py: the parameter limit inside the search, failed trials, result files."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = next((p for p in (os.environ.get("C40_DATA"), ROOT / "data" / "cifar-10-batches-py",
+                         ROOT.parent / "shared" / "cifar-10-batches-py")
+             if p and Path(p, "data_batch_1").exists()), None)
+if DATA is None:
+    pytest.skip("CIFAR-10 not found (set C40_DATA)", allow_module_level=True)
+TINY = ["--cpu", "--epochs", "1", "--subset", "512", "--test-subset", "256", "--val-split", "128",
+        "--batch-size", "64", "--data", str(DATA)]
+
+
+def load_script(rel: str):
+    """Import a script by path. Not put in sys.modules, so Ray pickles its functions by value."""
+    spec = importlib.util.spec_from_file_location(f"c40_script_{Path(rel).stem}", ROOT / rel)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray (2 CPUs) for all Ray tests; HOME is a temp dir so ~/.ray is untouched.
+    (Defined the same way in each Ray test module: whichever runs first starts it.)"""
+    if ray.is_initialized():
+        yield
+        return
+    old_home = os.environ.get("HOME")
+    with tempfile.TemporaryDirectory(prefix="c40-ray-home-") as home:
+        os.environ["HOME"] = home
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+            if old_home is None:
+                os.environ.pop("HOME", None)
+            else:
+                os.environ["HOME"] = old_home
+
+
+@pytest.fixture(scope="module")
+def search():
+    return load_script("tune/search.py")
+
+
+def test_searched_flags_given_on_the_command_line_are_fixed(search):
+    args, base = search.parse_args([*TINY, "--width", "2.0", "--lr", "0.1"])
+    assert args.fixed == {"width": 2.0, "lr": 0.1}
+    assert base.val_split == 128 and base.device == "cpu" and Path(base.data).is_absolute()
+    with pytest.raises(SystemExit):
+        search.parse_args([*TINY, "--num-samples", "0"])
+
+
+def test_search_rejects_over_limit_configs_and_survives_a_failing_trial(ray_session, search,
+                                                                        tmp_path):
+    """Three trials: a legal width (trains), width 2.0 (732k params: rejected before training)
+    and a legal one whose loss is NaN at step 0 (fit raises: failed). The search finishes."""
+    from ray import tune
+
+    args, base = search.parse_args([*TINY, "--storage", str(tmp_path), "--name", "t"])
+    space = {"width": tune.grid_search([0.5, 2.0, 0.375]), "dropout": 0.1, "lr": 0.1,
+             "nan_at_step": tune.sample_from(lambda spec: 0 if spec.config["width"] == 0.375 else None)}
+    s = search.search(args, base, param_space=space)
+    assert (s["trials"], s["ok"], s["rejected"], s["failed"]) == (3, 1, 1, 1), s
+    assert s["best_config"]["width"] == 0.5 and s["dropout"] == 0.1 and s["lr"] == 0.1
+    assert 0.0 <= s["val_acc"] <= 1.0 and 0.0 <= s["test_acc"] <= 1.0
+
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(s["results_parquet"]).to_pylist()
+    assert len(pacsv.read_csv(s["results_csv"]).to_pylist()) == 3
+    by_width = {r["width"]: r for r in rows}
+    assert by_width[2.0]["status"] == "rejected" and by_width[2.0]["params"] >= 200_000
+    assert by_width[2.0]["val_acc"] is None
+    assert by_width[0.375]["status"] == "failed" and "NaN" in by_width[0.375]["error"]
+    trained = [r for r in rows if r["status"] in ("ok", "stopped")]
+    assert trained and all(r["params"] < 200_000 for r in trained)
+    assert Path(s["plot"]).stat().st_size > 0
+
+    from c40.checkpoint import load_model
+
+    model, state = load_model(s["best_checkpoint"])
+    assert state["config"]["width"] == 0.5 and state["params"] < 200_000
