@@ -51,19 +51,40 @@ def _worker_init(_: int) -> None:
     cv2.setNumThreads(0)  # the same thread setting our loader's workers use: a fair baseline
 
 
-def _measure(loader, batches: int, batch_size: int, device: torch.device) -> float:
-    """Images/s over `batches` batches after one warm-up batch, delivered on `device`."""
+def _cpu_seconds() -> float | None:
+    """CPU time (user + system) of this process and its live children, e.g. loader workers."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2])
+    for child in me.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except psutil.Error:
+            pass
+    return total
+
+
+def _measure(loader, batches: int, batch_size: int, device: torch.device) -> tuple[float, float | None]:
+    """(images/s, CPU ms per image) over `batches` batches after one warm-up batch, on `device`.
+
+    Wall-clock throughput depends on whatever else the machine runs; CPU time per image does not
+    (much), so it is reported too."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     it = iter(loader)
     x, y = next(it)  # warm-up: worker start-up and first-batch latency are not throughput
     sync()
-    t0 = time.perf_counter()
+    c0, t0 = _cpu_seconds(), time.perf_counter()
     for _ in range(batches):
         x, y = next(it)
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
     sync()
-    return batches * batch_size / (time.perf_counter() - t0)
+    wall, c1 = time.perf_counter() - t0, _cpu_seconds()
+    n = batches * batch_size
+    return n / wall, (None if c0 is None else 1e3 * (c1 - c0) / n)
 
 
 def _ratio(a: float | None, b: float) -> float | None:
@@ -86,6 +107,13 @@ def run(args) -> dict:
     ds = _AlbuDataset(data.images, data.labels, mean, std, args.p)
     samples: dict[str, list[float]] = {"baseline_img_s": [], "cpu_loader_img_s": [],
                                        "tensor_cpu_img_s": [], "tensor_cuda_img_s": []}
+    cpu_ms: dict[str, list[float]] = {key: [] for key in samples}
+
+    def record(key: str, measured: tuple[float, float | None]) -> None:
+        samples[key].append(measured[0])
+        if measured[1] is not None:
+            cpu_ms[key].append(measured[1])
+
     load_before = os.getloadavg()
     with AlbumentationsLoader(data.images, data.labels, spec, device, workers=args.workers) as al:
         tl = TensorLoader(data.images, data.labels, spec, "cpu")
@@ -96,15 +124,15 @@ def run(args) -> dict:
             dl = torch.utils.data.DataLoader(ds, batch_size=b, shuffle=True, drop_last=True,
                                              num_workers=args.workers, pin_memory=cuda,
                                              worker_init_fn=_worker_init if args.workers else None)
-            samples["baseline_img_s"].append(_measure(dl, k, b, device))
+            record("baseline_img_s", _measure(dl, k, b, device))
             del dl  # stops its workers before the next measurement
             for loader in (al, tl, tg):
                 if loader is not None:
                     loader.set_epoch(r)
-            samples["cpu_loader_img_s"].append(_measure(al, k, b, device))
-            samples["tensor_cpu_img_s"].append(_measure(tl, k, b, torch.device("cpu")))
+            record("cpu_loader_img_s", _measure(al, k, b, device))
+            record("tensor_cpu_img_s", _measure(tl, k, b, torch.device("cpu")))
             if tg is not None:
-                samples["tensor_cuda_img_s"].append(_measure(tg, k, b, device))
+                record("tensor_cuda_img_s", _measure(tg, k, b, device))
     res: dict = {key: round(float(np.median(v)), 1) if v else None for key, v in samples.items()}
     if not cuda:
         res["tensor_cuda_note"] = "skipped: torch.cuda.is_available() is False"
@@ -112,6 +140,12 @@ def run(args) -> dict:
     res["cpu_loader_vs_baseline"] = _ratio(res["cpu_loader_img_s"], base)
     res["tensor_cpu_vs_baseline"] = _ratio(res["tensor_cpu_img_s"], base)
     res["tensor_cuda_vs_baseline"] = _ratio(res["tensor_cuda_img_s"], base)
+    # CPU ms per image (main + workers): the cost the loader puts on the machine, load-independent
+    res["cpu_ms_per_img"] = {key.replace("_img_s", ""): round(float(np.median(v)), 4) if v else None
+                             for key, v in cpu_ms.items()}
+    c = res["cpu_ms_per_img"]
+    res["cpu_loader_vs_baseline_cpu_time"] = (round(c["baseline"] / c["cpu_loader"], 2)
+                                              if c["baseline"] and c["cpu_loader"] else None)
     res["samples"] = {key: [round(x, 1) for x in v] for key, v in samples.items()}
     res["config"] = {"workers": args.workers, "batches": k, "batch_size": b, "p": args.p,
                      "repeats": args.repeats, "images": len(data), "data": str(root),

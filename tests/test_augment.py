@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from c40.augment import (affine_params, batch_affine, batch_cutout, batch_flip,
-                         create_albumentations)
+                         create_albumentations, mean_fill)
 from c40.data import channel_stats, load_cifar10
 
 stats = pytest.importorskip("scipy.stats")
@@ -73,8 +73,6 @@ def test_albumentations_cutout_is_one_hole_of_the_mean_colour(real):
         assert len(_holes(out, img, colour)) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="augment.py passes fill=255*mean as floats and albumentations "
-                   "truncates them on uint8 images (113.86 -> 113); fix: fill=round(255*m)")
 def test_albumentations_cutout_fill_is_the_rounded_mean(real):
     images, mean, std = real
     out = _only("CoarseDropout", mean, std)(image=images[0])["image"]
@@ -84,7 +82,7 @@ def test_albumentations_cutout_fill_is_the_rounded_mean(real):
 
 def test_batch_cutout_is_one_hole_of_the_mean_colour(real):
     images, mean, _ = real
-    fill = torch.tensor(mean) * 255
+    fill = torch.tensor(mean_fill(mean))
     gen = torch.Generator().manual_seed(0)
     out = batch_cutout(_nchw(images[:16]), gen, fill, p=1.0)
     for o, img in zip(out.permute(0, 2, 3, 1).numpy(), images[:16].astype(np.float32)):
@@ -192,7 +190,8 @@ def test_hole_size_fill_and_position_match(albu_draws, tensor_draws, real):
     holes = albu_draws["holes"]
     assert (holes[:, 2] - holes[:, 0] == HOLE).all() and (holes[:, 3] - holes[:, 1] == HOLE).all()
     assert (tensor_draws["hole_h"] == HOLE).all() and (tensor_draws["hole_w"] == HOLE).all()
-    np.testing.assert_allclose(albu_draws["fill"], np.tile(255 * np.asarray(mean), (len(holes), 1)))
+    np.testing.assert_allclose(albu_draws["fill"], np.tile(mean_fill(mean), (len(holes), 1)))
+    assert mean_fill(mean) == tuple(float(round(255 * m)) for m in mean)  # whole pixel values
     last = 32 - HOLE  # top-left corner uniform on 0..16 so the hole lies inside the image
     for pos in (holes[:, 0], holes[:, 1], tensor_draws["x0"], tensor_draws["y0"]):
         counts = np.bincount(pos.astype(int), minlength=last + 1)
@@ -216,8 +215,8 @@ def test_rotation_and_scale_are_the_same_uniform(albu_draws, tensor_draws, what,
 
 def test_shift_ranges_match(albu_draws, tensor_draws):
     """Albumentations draws U(-0.1, 0.1) x size and truncates it to whole pixels
-    (`int(t * width)`); the tensor path keeps the fraction. Same underlying range: truncating the
-    tensor draws must give the albumentations pixel distribution."""
+    (`int(t * width)`); `affine_params` draws the fraction and `batch_affine` truncates it the
+    same way, so truncated tensor draws must give the albumentations pixel distribution."""
     px = SHIFT * 32
     albu, tens = albu_draws["shift"], tensor_draws["shift"]
     assert np.allclose(albu, np.round(albu), atol=1e-6)  # whole pixels

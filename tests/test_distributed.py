@@ -24,6 +24,7 @@ DATA = next((p for p in (os.environ.get("C40_DATA"), ROOT / "data" / "cifar-10-b
 if DATA is None:
     pytest.skip("CIFAR-10 not found (set C40_DATA)", allow_module_level=True)
 TINY = ["--cpu", "--epochs", "1", "--subset", "512", "--test-subset", "256", "--batch-size", "64",
+        "--lr", "0.05",  # stable on 8 steps (the fast recipe's 0.4 overshoots this tiny run)
         "--seed", "0", "--data", str(DATA)]
 
 
@@ -104,12 +105,15 @@ def test_one_worker_matches_two_workers(ray_session, script, two_workers, tmp_pa
     step (rank r takes every 2nd index of the same permutation) and DDP averages gradients, so
     the runs match up to (a) BatchNorm statistics computed per rank over 32 instead of 64
     images and (b) per-rank augmentation random streams. Not bit-identical, hence tolerances:
-    epoch-1 train loss within 0.15 (it is ~2.3-3.5 here), test accuracy within 0.10 of each
-    other on 256 test images (1 image = 0.004; measured differences were smaller)."""
+    epoch-1 train loss within 0.05 (it is ~2.30; measured difference 0.007) and test accuracy
+    within 0.10 on 256 test images (measured: equal). At lr 0.4 the 8-step run overshoots and
+    the two losses were 4.5 vs 4.2, so the test uses a stable lr of 0.05."""
     one = _train(script, tmp_path, "w1", "--num-workers", "1")
     two = two_workers
     assert one["per_worker_batch_size"] == 64 and one["global_batch_size"] == two["global_batch_size"]
     h1, h2 = one["history"][0], two["history"][0]
     assert h1["lr"] == pytest.approx(h2["lr"])  # same schedule: same number of steps
-    assert abs(h1["train_loss"] - h2["train_loss"]) < 0.15, (h1, h2)
+    print(f"1 vs 2 workers: train_loss {h1['train_loss']:.4f} vs {h2['train_loss']:.4f}, "
+          f"test_acc {one['test_acc']:.4f} vs {two['test_acc']:.4f}")
+    assert abs(h1["train_loss"] - h2["train_loss"]) < 0.05, (h1, h2)
     assert abs(one["test_acc"] - two["test_acc"]) < 0.10, (one["test_acc"], two["test_acc"])

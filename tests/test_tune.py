@@ -69,7 +69,8 @@ def test_search_rejects_over_limit_configs_and_survives_a_failing_trial(ray_sess
     and a legal one whose loss is NaN at step 0 (fit raises: failed). The search finishes."""
     from ray import tune
 
-    args, base = search.parse_args([*TINY, "--storage", str(tmp_path), "--name", "t"])
+    args, base = search.parse_args([*TINY, "--num-samples", "1", "--storage", str(tmp_path),
+                                    "--name", "t"])  # 1 sample x 3 grid points
     space = {"width": tune.grid_search([0.5, 2.0, 0.375]), "dropout": 0.1, "lr": 0.1,
              "nan_at_step": tune.sample_from(lambda spec: 0 if spec.config["width"] == 0.375 else None)}
     s = search.search(args, base, param_space=space)

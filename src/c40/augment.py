@@ -5,7 +5,7 @@ ShiftScaleRotate (as its albumentations-2.x equivalent `Affine`), and CoarseDrop
 
 Distributions shared by both paths (each transform fires with probability `p`):
   flip:    left-right mirror
-  affine:  shift U(-SHIFT, SHIFT) x image size per axis, scale U(1-SCALE, 1+SCALE) (same on both
+  affine:  shift U(-SHIFT, SHIFT) x image size per axis, truncated to whole pixels, scale U(1-SCALE, 1+SCALE) (same on both
            axes), rotation U(-ROTATE, ROTATE) degrees about the centre, reflected borders
   cutout:  one HOLE x HOLE square, top-left corner uniform so the hole lies inside the image,
            filled with the dataset-mean colour (pixel values)
@@ -24,6 +24,11 @@ ROTATE = 15.0   # degrees
 HOLE = 16       # pixels
 
 
+def mean_fill(mean: Sequence[float]) -> tuple[float, ...]:
+    """The cutout colour: the dataset mean in whole pixel values (what a uint8 image can hold)."""
+    return tuple(float(round(255.0 * m)) for m in mean)
+
+
 def create_albumentations(mean: Sequence[float], std: Sequence[float], p: float = 0.5,
                           normalize: bool = True):
     """The per-image pipeline; `mean`/`std` are per-channel in [0, 1] units (from the train set)."""
@@ -36,7 +41,7 @@ def create_albumentations(mean: Sequence[float], std: Sequence[float], p: float 
                  rotate=(-ROTATE, ROTATE), keep_ratio=True, border_mode=cv2.BORDER_REFLECT,
                  interpolation=cv2.INTER_LINEAR, p=p),
         A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(HOLE, HOLE),
-                        hole_width_range=(HOLE, HOLE), fill=tuple(255.0 * m for m in mean), p=p),
+                        hole_width_range=(HOLE, HOLE), fill=mean_fill(mean), p=p),
     ]
     if normalize:
         steps.append(A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0))
@@ -76,7 +81,10 @@ def batch_affine(x: torch.Tensor, gen: torch.Generator, p: float = 0.5) -> torch
     s = prm["scale"][idx]
     cos, sin = torch.cos(a) / s, torch.sin(a) / s
     # theta maps output -> input coords (normalised to [-1, 1]): the inverse of p' = sR p + t
-    t = torch.stack([prm["tx"][idx], prm["ty"][idx]], 1) * 2  # fraction of size -> [-1, 1] units
+    h, w = x.shape[2:]
+    # albumentations truncates the shift to whole pixels; so do we (then to [-1, 1] units)
+    t = torch.stack([torch.trunc(prm["tx"][idx] * w) * (2 / w),
+                     torch.trunc(prm["ty"][idx] * h) * (2 / h)], 1)
     rot_inv = torch.stack([torch.stack([cos, sin], 1), torch.stack([-sin, cos], 1)], 1)  # (n, 2, 2)
     theta = torch.cat([rot_inv, -(rot_inv @ t.unsqueeze(2))], 2).to(x.dtype)  # (n, 2, 3)
     sub = x.index_select(0, idx)

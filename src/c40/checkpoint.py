@@ -23,6 +23,9 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
             torch.save({**state, "format_version": FORMAT_VERSION}, f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint is an ordinary file
         os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
         try:

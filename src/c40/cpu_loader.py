@@ -5,8 +5,8 @@ device), so the train loop cannot tell them apart.
 Why not torch DataLoader: it pickles every sample and collates in Python. Here the uint8 dataset
 sits once in shared memory; forked workers read it without copies, write each augmented uint8
 batch into a ring of shared-memory slots, and only (batch number, slot) travels over the queue.
-The main process normalises whole batches with `c40.augment.normalize` (one tensor op, the same as
-the tensor path) instead of per image.
+The main process normalises batches with `c40.augment.normalize` (the same op as the tensor path)
+instead of per image. Labels never travel: the main process indexes them itself.
 
 Determinism: batch b of epoch e draws from an RNG seeded by (seed, rank, e, b), and results are
 reordered by batch number, so the output does not depend on worker count or timing.
@@ -241,13 +241,22 @@ class AlbumentationsLoader:
                 return
 
     def _to_device(self, x: np.ndarray) -> torch.Tensor:
-        """(B, H, W, 3) uint8 -> normalised float32 (B, 3, H, W) on the device."""
-        t = torch.from_numpy(x)
-        if self._pin:
-            t = t.pin_memory().to(self.device, non_blocking=True)  # pin_memory() copies out
-        t = normalize(t.permute(0, 3, 1, 2), self.mean, self.std)  # new tensor: the slot is free
+        """(B, H, W, 3) uint8 -> normalised float32 (B, 3, H, W) on the device (a new tensor)."""
+        t = torch.from_numpy(x).permute(0, 3, 1, 2)  # (B, 3, H, W) view, channels_last strides
         fmt = torch.channels_last if self.spec.channels_last else torch.contiguous_format
-        return t.contiguous(memory_format=fmt)
+        if self.device.type != "cpu":
+            if self._pin:
+                t = t.pin_memory()  # copies out of the slot; the copy below can then be async
+            t = t.to(self.device, non_blocking=self._pin)
+            return normalize(t, self.mean, self.std).contiguous(memory_format=fmt)
+        # On CPU, normalise in chunks below torch's intra-op grain (32768 elements): whole-batch
+        # ops wake torch's thread pool, whose threads then fight the workers for the same cores
+        # (measured on 2 cores: 0.072 -> 0.016 ms/img of main-process CPU time).
+        out = torch.empty(t.shape, dtype=torch.float32).contiguous(memory_format=fmt)
+        step = max(1, 32768 // t[0].numel())
+        for i in range(0, len(t), step):
+            out[i:i + step] = normalize(t[i:i + step], self.mean, self.std)
+        return out
 
     def _to_device_labels(self, idx: np.ndarray) -> torch.Tensor:
         return self.labels[torch.from_numpy(idx)].to(self.device, non_blocking=self._pin)

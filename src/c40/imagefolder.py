@@ -21,12 +21,12 @@ def read_image(path: Path, *, resize: bool) -> np.ndarray:
             if im.mode != "RGB":
                 if not resize:
                     raise DataError(f"{path}: image mode {im.mode}, expected RGB "
-                                    "(pass --resize to convert)")
+                                    "(convert it to RGB first)")
                 im = im.convert("RGB")
             if im.size != (SIZE, SIZE):
                 if not resize:
                     raise DataError(f"{path}: image is {im.size[0]}x{im.size[1]}, expected "
-                                    f"{SIZE}x{SIZE} (pass --resize to resize)")
+                                    f"{SIZE}x{SIZE} (resize it first)")
                 im = im.resize((SIZE, SIZE), Image.BILINEAR)
             return np.asarray(im, dtype=np.uint8)
     except (UnidentifiedImageError, OSError) as e:

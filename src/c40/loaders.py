@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from c40.augment import batch_augment, normalize
+from c40.augment import batch_augment, mean_fill, normalize
 
 
 @dataclass
@@ -35,6 +35,14 @@ class LoaderSpec:
     rank: int = 0
     world_size: int = 1
     channels_last: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0 <= self.p <= 1:
+            raise ValueError(f"augmentation probability must be in [0, 1], got {self.p}")
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is not in a world of {self.world_size}")
 
 
 def epoch_indices(n: int, spec: LoaderSpec, epoch: int) -> np.ndarray:
@@ -68,7 +76,7 @@ class TensorLoader:
         self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(self.device)
         self.mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device)
         self.std = torch.tensor(spec.std, dtype=torch.float32, device=self.device)
-        self.fill = self.mean * 255.0  # dataset-mean colour in pixel values
+        self.fill = torch.tensor(mean_fill(spec.mean), device=self.device)  # pixel values
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:

@@ -137,10 +137,12 @@ def plot_confusion(ev: Evaluation, path: Path) -> Path:
 
 
 def plot_curves(history: Sequence[dict], path: Path) -> Path:
-    """Loss, accuracy and learning rate per epoch from metrics.jsonl rows."""
+    """Loss, accuracy and learning rate (at the epoch's start) per epoch from metrics rows."""
+    from matplotlib.ticker import MaxNLocator
+
     panels = [("loss", ("train_loss", "val_loss", "test_loss")),
               ("accuracy", ("train_acc", "val_acc", "test_acc")),
-              ("learning rate", ("lr",))]
+              ("learning rate (epoch start)", ("lr",))]
     fig = _figure(13, 3.6)
     for ax, (title, keys) in zip(fig.subplots(1, 3), panels):
         for key in keys:
@@ -148,6 +150,7 @@ def plot_curves(history: Sequence[dict], path: Path) -> Path:
             if pts:
                 ax.plot(*zip(*pts), marker="o", markersize=3, label=key)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         ax.grid(alpha=0.3)
         if ax.lines and len(keys) > 1:
