@@ -30,13 +30,13 @@ def mean_fill(mean: Sequence[float]) -> tuple[float, ...]:
 
 
 def create_albumentations(mean: Sequence[float], std: Sequence[float], p: float = 0.5,
-                          normalize: bool = True):
+                          normalize: bool = True, flip_p: float | None = None):
     """The per-image pipeline; `mean`/`std` are per-channel in [0, 1] units (from the train set)."""
     import albumentations as A
     import cv2
 
     steps = [
-        A.HorizontalFlip(p=p),
+        A.HorizontalFlip(p=p if flip_p is None else flip_p),
         A.Affine(translate_percent=(-SHIFT, SHIFT), scale=(1 - SCALE, 1 + SCALE),
                  rotate=(-ROTATE, ROTATE), keep_ratio=True, border_mode=cv2.BORDER_REFLECT,
                  interpolation=cv2.INTER_LINEAR, p=p),
@@ -111,10 +111,12 @@ def batch_cutout(x: torch.Tensor, gen: torch.Generator, fill: torch.Tensor, p: f
 
 
 def batch_augment(x: torch.Tensor, gen: torch.Generator, fill: torch.Tensor,
-                  p: float = 0.5) -> torch.Tensor:
-    """uint8 or float (B, C, H, W) in pixel values -> augmented float32 (B, C, H, W), pixel values."""
+                  p: float = 0.5, flip_p: float | None = None) -> torch.Tensor:
+    """uint8 or float (B, C, H, W) in pixel values -> augmented float32 (B, C, H, W), pixel values.
+
+    `p` is the probability of the affine and the cutout; the flip's is `flip_p` (default: p)."""
     x = x.float()
-    x = batch_flip(x, gen, p)
+    x = batch_flip(x, gen, p if flip_p is None else flip_p)
     x = batch_affine(x, gen, p)
     return batch_cutout(x, gen, fill, p)
 

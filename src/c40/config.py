@@ -44,7 +44,10 @@ class TrainConfig:
     ema_decay: float = 0.99       # per-step EMA decay
     loader: str = "auto"          # albumentations | tensor | auto (tensor: measured faster)
     workers: int = 2              # worker processes of the albumentations loader
-    aug_p: float = 0.5            # probability of each augmentation (flip, affine, cutout)
+    aug_p: float = 0.5            # probability of the shift-scale-rotate and of the cutout
+    flip_p: float = 0.5           # probability of the horizontal flip
+    low_res: int = 32             # training resolution (pixels) of the first low_res_epochs
+    low_res_epochs: int = 0       # progressive resizing: epochs trained at low_res, then 32
     amp: str = "auto"             # auto | bf16 | fp16 | off (auto: bf16 on CPU, fp16 on CUDA)
     channels_last: bool = True    # NHWC memory format for the model and batches
     compile: bool = False         # torch.compile the model
@@ -76,6 +79,10 @@ class TrainConfig:
             (0 < self.width <= 4, f"width must be in (0, 4], got {self.width}"),
             (0 <= self.label_smoothing < 1, f"label-smoothing must be in [0, 1), got {self.label_smoothing}"),
             (0 <= self.aug_p <= 1, f"aug-p must be in [0, 1], got {self.aug_p}"),
+            (0 <= self.flip_p <= 1, f"flip-p must be in [0, 1], got {self.flip_p}"),
+            (8 <= self.low_res <= 32, f"low-res must be in [8, 32], got {self.low_res}"),
+            (0 <= self.low_res_epochs <= self.epochs,
+             f"low-res-epochs must be in [0, epochs], got {self.low_res_epochs}"),
             (0 <= self.warmup < 1, f"warmup must be in [0, 1), got {self.warmup}"),
             (self.weight_decay >= 0, f"weight-decay must be >= 0, got {self.weight_decay}"),
             (0 < self.ema_decay < 1, f"ema-decay must be in (0, 1), got {self.ema_decay}"),

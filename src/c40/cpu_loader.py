@@ -61,7 +61,7 @@ def _worker(tasks, results, images, slots, spec: LoaderSpec, parent: int) -> Non
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes us
     cv2.setNumThreads(0)  # 32x32 images: threads only add contention with the other workers
     torch.set_num_threads(1)
-    compose = create_albumentations(spec.mean, spec.std, spec.p, normalize=False) if spec.augment else None
+    compose = create_albumentations(spec.mean, spec.std, spec.p, normalize=False, flip_p=spec.flip_p) if spec.augment else None
     while True:
         try:
             task = tasks.get(timeout=_POLL_S)
@@ -137,7 +137,7 @@ class AlbumentationsLoader:
         if workers == 0:
             self._images = images
             self._slots = np.empty((1, b, *shape), np.uint8)
-            self._compose = (create_albumentations(spec.mean, spec.std, spec.p, normalize=False)
+            self._compose = (create_albumentations(spec.mean, spec.std, spec.p, normalize=False, flip_p=spec.flip_p)
                              if spec.augment else None)
             return
         ctx = mp.get_context("fork")  # workers inherit the shared-memory mappings: nothing is pickled

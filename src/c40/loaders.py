@@ -28,7 +28,8 @@ class LoaderSpec:
     mean: Sequence[float]            # per-channel, [0, 1] units (from the training set)
     std: Sequence[float]
     augment: bool = False            # apply the training augmentations
-    p: float = 0.5                   # probability of each augmentation
+    p: float = 0.5                   # probability of the affine and of the cutout
+    flip_p: float | None = None      # probability of the flip (None: same as p)
     shuffle: bool = False
     drop_last: bool = False
     seed: int = 0
@@ -95,7 +96,7 @@ class TensorLoader:
             idx = order[i * spec.batch_size:(i + 1) * spec.batch_size]
             x = self.images.index_select(0, idx)                  # (B, 3, 32, 32) uint8
             if spec.augment:
-                x = batch_augment(x, gen, self.fill, spec.p)      # float, pixel values
+                x = batch_augment(x, gen, self.fill, spec.p, spec.flip_p)      # float, pixel values
             x = normalize(x, self.mean, self.std).contiguous(memory_format=fmt)
             yield x, self.labels.index_select(0, idx)
 

@@ -22,13 +22,17 @@ from tqdm.auto import tqdm
 from c40.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from c40.config import TrainConfig
 from c40.data import channel_stats, load_dataset, resolve_data_root
-from c40.errors import C40Error, ConfigError, TrainingDiverged
+from c40.errors import C40Error, CheckpointError, ConfigError, TrainingDiverged
 from c40.evaluate import evaluate
 from c40.loaders import LoaderSpec, TensorLoader, create_loader
 from c40.model import count_params, create_model
 
 PARAM_LIMIT = 200_000  # the assignment's limit on trainable parameters
 ReportFn = Callable[[dict, "Path | None"], None]
+# A resumed run continues the saved optimizer and schedule: their state would silently override
+# a changed lr/momentum/weight decay, and a changed step count crashes OneCycleLR at the end.
+RESUME_MUST_MATCH = ("arch", "width", "epochs", "batch_size", "subset", "val_split", "lr",
+                     "schedule", "warmup", "momentum", "nesterov", "weight_decay")
 
 
 @dataclass
@@ -159,7 +163,7 @@ def _setup(cfg: TrainConfig, device: torch.device, rank: int, world_size: int,
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=fmt)
     per_rank = max(1, cfg.batch_size // world_size)
-    spec = LoaderSpec(per_rank, mean, std, augment=True, p=cfg.aug_p, shuffle=True,
+    spec = LoaderSpec(per_rank, mean, std, augment=True, p=cfg.aug_p, flip_p=cfg.flip_p, shuffle=True,
                       drop_last=len(train) >= per_rank * world_size, seed=cfg.seed, rank=rank,
                       world_size=world_size, channels_last=cfg.channels_last)
     train_loader = create_loader(cfg.loader, train.images, train.labels, spec, device, cfg.workers)
@@ -182,6 +186,9 @@ def _setup(cfg: TrainConfig, device: torch.device, rank: int, world_size: int,
                params=params, start_epoch=0, step=0, history=[])
     ckpt_path = Path(resume_from) if resume_from else (Path(cfg.out) / "checkpoint.pt" if cfg.resume else None)
     if ckpt_path is not None:
+        if resume_from is None and not ckpt_path.is_file():
+            raise CheckpointError(f"{ckpt_path}: nothing to resume (the run stopped before its first "
+                                  "epoch ended); start it again without --resume")
         _restore(run, load_checkpoint(ckpt_path, map_location=device), ckpt_path)
     run.net = wrap_model(model) if wrap_model else model
     if cfg.compile:
@@ -191,10 +198,11 @@ def _setup(cfg: TrainConfig, device: torch.device, rank: int, world_size: int,
 
 def _restore(run: _Run, state: dict, path: Path) -> None:
     saved = state["config"]
-    for key in ("arch", "width"):
+    for key in RESUME_MUST_MATCH:
         if saved.get(key) != getattr(run.cfg, key):
             raise ConfigError(f"{path}: checkpoint has {key}={saved.get(key)!r} but this run asks "
-                              f"for {getattr(run.cfg, key)!r}")
+                              f"for {getattr(run.cfg, key)!r} (a resumed run keeps its schedule: "
+                              "use the same value, or a new --out)")
     load_weights(run.model, state["model"], str(path))
     if run.ema is not None and state.get("ema"):
         load_weights(run.ema.module, state["ema"], str(path))
@@ -230,11 +238,14 @@ def train_one_epoch(run: _Run, epoch: int, progress: bool) -> dict:
     correct = torch.zeros((), dtype=torch.long, device=run.device)
     first_bad = torch.full((), -1, dtype=torch.long, device=run.device)  # first non-finite step
     seen, t0 = 0, time.perf_counter()
+    res = cfg.low_res if epoch < cfg.low_res_epochs else None  # progressive resizing
     bar = tqdm(run.train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
                leave=False, dynamic_ncols=True)
     for i, (x, y) in enumerate(bar):
         if cfg.nan_at_step is not None and run.step == cfg.nan_at_step:
             x = x * float("nan")  # fault injection for tests
+        if res is not None and res != x.shape[-1]:
+            x = F.interpolate(x, size=(res, res), mode="bilinear", antialias=True, align_corners=False)
         loss, corr = train_step(net, x, y, run.opt, run.scaler, autocast, cfg.label_smoothing)
         bad = ~torch.isfinite(loss)
         first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, run.step), first_bad)
