@@ -49,3 +49,64 @@ def test_loader_benchmark_json(data_dir, tmp_path):
 def test_loader_benchmark_rejects_bad_input(tmp_path):
     p = _run("--data", str(tmp_path / "missing"), "--batches", "1")
     assert p.returncode == 2 and "does not exist" in p.stderr and len(p.stderr.splitlines()) == 1
+
+
+# ------------------------------------------------------------------------ train_step.py
+def test_train_step_benchmark_json(tmp_path):
+    out = tmp_path / "train_step.json"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--json",
+                        "--steps", "2", "--warmup", "1", "--repeats", "1", "--batch-size", "16",
+                        "--width", "0.5", "--archs", "strided,dilated", "--out", str(out)],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    assert json.loads(out.read_text()) == res
+    assert set(res["archs"]) == {"strided", "dilated"}
+    for r in res["archs"].values():
+        assert r["baseline_img_s"] > 0 and r["c40_img_s"] > 0 and r["c40_vs_baseline"] > 0
+        assert r["compiled_img_s"] is None and r["compiled_vs_baseline"] is None  # no --compile
+        assert 0 < r["params"] < 200_000 and len(r["samples"]["c40"]) == 1
+    c = res["config"]
+    assert c["steps"] == 2 and c["batch_size"] == 16 and c["c40_channels_last"] is True
+    assert c["c40_amp"] in ("off", "bfloat16", "float16")
+    assert "train_step.py" in res["machine"]["command"]
+
+
+def test_train_step_benchmark_rejects_unknown_arch():
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step.py"),
+                        "--archs", "strided,resnet"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "unknown arch" in p.stderr
+
+
+# ------------------------------------------------------------------ time_to_accuracy.py
+def _tta(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "time_to_accuracy.py"), *args],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_time_to_accuracy_smoke_and_skip_on_rerun(tiny_cifar, tmp_path):
+    args = ["--data", str(tiny_cifar), "--subset", "500", "--test-subset", "200", "--seeds", "0",
+            "--skip-reference", "--epochs", "1", "--out-dir", str(tmp_path / "res"),
+            "--runs-dir", str(tmp_path / "runs")]
+    p = _tta(*args)
+    assert p.returncode == 0, p.stderr
+    res = json.loads((tmp_path / "res" / "time_to_accuracy.json").read_text())
+    assert (tmp_path / "res" / "time_to_accuracy.png").stat().st_size > 5000
+    assert res["reference"] is None and set(res["runs"]) == {"fast-seed0"}
+    run = res["runs"]["fast-seed0"]
+    assert run["recipe"] == "fast" and run["seed"] == 0 and run["epochs"] == 1
+    assert 0 <= run["final_accuracy"] <= 1 and run["final_accuracy"] == run["curve"][-1]["test_acc"]
+    assert run["seconds_to_85"] is None and run["epochs_to_85"] is None  # 1 epoch on 500 images
+    assert run["wall_seconds"] > run["curve"][-1]["elapsed"] > 0
+    assert run["command"][:5] == ["python", "-m", "c40", "train", "--recipe"]
+    assert "--epochs" in run["command"] and res["commands"]["fast-seed0"] == " ".join(run["command"])
+    fast = res["fast"]
+    assert fast["n"] == 1 and fast["final_accuracy_min"] == run["final_accuracy"]
+    assert fast["seconds_to_85_mean"] is None and fast["all_reached_85"] is False
+    assert "cpu_model" in res["machine"] and res["target"] == 0.85
+
+    again = _tta(*args)  # the same command again: measured already, so nothing runs
+    assert again.returncode == 0 and "skipped" in again.stderr, again.stderr
+    assert json.loads((tmp_path / "res" / "time_to_accuracy.json").read_text())["runs"] == res["runs"]

@@ -24,11 +24,6 @@ pytestmark = pytest.mark.ray
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-DATA = next((p for p in (os.environ.get("C40_DATA"), ROOT / "data" / "cifar-10-batches-py",
-                         ROOT.parent / "shared" / "cifar-10-batches-py")
-             if p and Path(p, "data_batch_1").exists()), None)
-if DATA is None:
-    pytest.skip("CIFAR-10 not found (set C40_DATA)", allow_module_level=True)
 if shutil.which("ray", path=str(BIN)) is None:
     pytest.skip("the `ray` CLI is not next to this Python", allow_module_level=True)
 # working_dir uploads are capped at 100 MB: the venv, data and runs never travel
@@ -75,36 +70,47 @@ def head(tmp_path):
     root = tempfile.mkdtemp(prefix="c40j-", dir="/tmp")
     home, temp_dir = Path(root, "home"), Path(root, "ray")
     home.mkdir()
-    env = {**os.environ, "HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-           "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
+    # ray.init() in this process (other Ray tests) exports RAY_AUTH_MODE=token: start clean, then
+    # turn token auth on deliberately with a token of our own (HOME/.ray/auth_token), as the
+    # NOTES say a real head ends up: the client then needs RAY_AUTH_MODE=token and the token.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    env.update(HOME=str(home), PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+               RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token")
     dash, gcs = _free_port(), _free_port()
     start = [str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=2",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
              f"--ray-client-server-port={_free_port()}",
+             # the agent's HTTP port (job submission) defaults to 52365: taken if another Ray runs
+             f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}",
              f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     try:
+        subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env,
+                       capture_output=True, text=True, timeout=60, check=True)
+        assert (home / ".ray" / "auth_token").is_file()
         proc = subprocess.run(start, env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        if (home / ".ray" / "auth_token").exists():  # the head enabled token auth
-            env["RAY_AUTH_MODE"] = "token"
         yield f"http://127.0.0.1:{dash}", env
     finally:
         _stop_head(str(temp_dir), gcs)
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_job_submit_runs_the_tune_search(head, tmp_path):
+def test_job_submit_runs_the_tune_search(head, tiny_cifar, tmp_path):
     address, env = head
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
            "--runtime-env-json", json.dumps({"excludes": EXCLUDES}), "--",
            "python", "tune/search.py", "--cpu", "--num-samples", "2", "--epochs", "1",
            "--subset", "256", "--test-subset", "128", "--val-split", "64", "--batch-size", "64",
            "--width", "0.5",  # fixed below the limit: both trials train
-           "--data", str(DATA), "--storage", str(tmp_path / "storage"), "--name", "job", "--json"]
+           "--data", str(tiny_cifar), "--storage", str(tmp_path / "storage"), "--name", "job", "--json"]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
-    out = proc.stdout + proc.stderr
+    for _ in range(10):  # a fresh head accepts jobs once its agent has registered (seconds)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
+        out = proc.stdout + proc.stderr
+        if proc.returncode == 0 or "No available agent to submit job" not in out:
+            break
+        time.sleep(3)
     assert proc.returncode == 0, out[-3000:]
     assert "succeeded" in out, out[-3000:]
     summary = json.loads(next(line for line in reversed(out.splitlines())

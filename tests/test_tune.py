@@ -12,13 +12,8 @@ ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = next((p for p in (os.environ.get("C40_DATA"), ROOT / "data" / "cifar-10-batches-py",
-                         ROOT.parent / "shared" / "cifar-10-batches-py")
-             if p and Path(p, "data_batch_1").exists()), None)
-if DATA is None:
-    pytest.skip("CIFAR-10 not found (set C40_DATA)", allow_module_level=True)
 TINY = ["--cpu", "--epochs", "1", "--subset", "512", "--test-subset", "256", "--val-split", "128",
-        "--batch-size", "64", "--data", str(DATA)]
+        "--batch-size", "64"]
 
 
 def load_script(rel: str):
@@ -36,7 +31,7 @@ def ray_session():
     if ray.is_initialized():
         yield
         return
-    old_home = os.environ.get("HOME")
+    saved = dict(os.environ)  # ray.init also exports RAY_AUTH_MODE=token: restore it all
     with tempfile.TemporaryDirectory(prefix="c40-ray-home-") as home:
         os.environ["HOME"] = home
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -44,10 +39,8 @@ def ray_session():
             yield
         finally:
             ray.shutdown()
-            if old_home is None:
-                os.environ.pop("HOME", None)
-            else:
-                os.environ["HOME"] = old_home
+            os.environ.clear()
+            os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")
@@ -55,22 +48,23 @@ def search():
     return load_script("tune/search.py")
 
 
-def test_searched_flags_given_on_the_command_line_are_fixed(search):
-    args, base = search.parse_args([*TINY, "--width", "2.0", "--lr", "0.1"])
+def test_searched_flags_given_on_the_command_line_are_fixed(search, tiny_cifar):
+    tiny = [*TINY, "--data", str(tiny_cifar)]
+    args, base = search.parse_args([*tiny, "--width", "2.0", "--lr", "0.1"])
     assert args.fixed == {"width": 2.0, "lr": 0.1}
     assert base.val_split == 128 and base.device == "cpu" and Path(base.data).is_absolute()
     with pytest.raises(SystemExit):
-        search.parse_args([*TINY, "--num-samples", "0"])
+        search.parse_args([*tiny, "--num-samples", "0"])
 
 
 def test_search_rejects_over_limit_configs_and_survives_a_failing_trial(ray_session, search,
-                                                                        tmp_path):
+                                                                        tiny_cifar, tmp_path):
     """Three trials: a legal width (trains), width 2.0 (732k params: rejected before training)
     and a legal one whose loss is NaN at step 0 (fit raises: failed). The search finishes."""
     from ray import tune
 
-    args, base = search.parse_args([*TINY, "--num-samples", "1", "--storage", str(tmp_path),
-                                    "--name", "t"])  # 1 sample x 3 grid points
+    args, base = search.parse_args([*TINY, "--data", str(tiny_cifar), "--num-samples", "1",
+                                    "--storage", str(tmp_path), "--name", "t"])  # x 3 grid points
     space = {"width": tune.grid_search([0.5, 2.0, 0.375]), "dropout": 0.1, "lr": 0.1,
              "nan_at_step": tune.sample_from(lambda spec: 0 if spec.config["width"] == 0.375 else None)}
     s = search.search(args, base, param_space=space)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -44,13 +45,27 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns on stderr about pickle protocols > 2
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = str(e).strip()
+        first = text.splitlines()[0] if text else type(e).__name__
+        if text.startswith("Weights only load failed"):  # torch's advice is to load it unsafely
+            first = "holds more than tensors and plain data, refused: " + _refusal(text)
         raise CheckpointError(f"{path}: unreadable checkpoint ({first[:200]})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{path}: not a c40 checkpoint (no model/config entries)")
     return state
+
+
+def _refusal(text: str) -> str:
+    """The reason inside torch's multi-paragraph weights-only error (what it refused)."""
+    for line in text.splitlines()[1:]:
+        line = line.split("WeightsUnpickler error:", 1)[-1].strip()
+        if line and not line.startswith(("Please file", "Check the documentation")):
+            return line
+    return "objects other than tensors"
 
 
 def load_model(path: str | os.PathLike, *, use_ema: bool = True,
