@@ -150,9 +150,20 @@ def train(args: argparse.Namespace, cfg: TrainConfig) -> dict:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from c40.model import count_params, create_model
+    from c40.train import PARAM_LIMIT
+
+    params = count_params(create_model(cfg.arch, dropout=cfg.dropout, width=cfg.width))
+    if params >= PARAM_LIMIT:  # fail here in one line, not in every worker after start-up
+        raise C40Error(f"{cfg.arch} at width {cfg.width} has {params:,} trainable parameters; "
+                       f"the limit is < {PARAM_LIMIT:,}")
     t0 = time.perf_counter()
     if not ray.is_initialized():
-        ray.init(address=args.address, log_to_driver=True)
+        ray.init(address=args.address)
+    if not args.cpu and ray.cluster_resources().get("GPU", 0) < args.num_workers:
+        print(f"distributed/train.py: waiting for {args.num_workers} GPU(s), the cluster has "
+              f"{ray.cluster_resources().get('GPU', 0):g} now (autoscaling?); use --cpu for CPU "
+              "workers", file=sys.stderr, flush=True)
     cpus = args.cpus_per_worker
     if cpus is None:  # e.g. 2 workers on a 2-core box: 1 each; 4 workers: 0.5 each
         cpus = 1.0 if not args.cpu else min(1.0, ray.cluster_resources().get("CPU", 1) / args.num_workers)
@@ -174,7 +185,11 @@ def train(args: argparse.Namespace, cfg: TrainConfig) -> dict:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=args.keep),
             failure_config=ray.train.FailureConfig(max_failures=args.max_failures)),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:  # after --max-failures restarts
+        last = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        raise C40Error(f"Ray Train run {Path(storage, name)} failed: {last[:300]}") from None
     if result.error is not None or result.checkpoint is None:
         raise C40Error(f"Ray Train run {name} failed: {result.error or 'no checkpoint reported'}")
     dest = _copy_final(result.checkpoint, Path(args.out))
@@ -183,7 +198,7 @@ def train(args: argparse.Namespace, cfg: TrainConfig) -> dict:
     history = load_checkpoint(dest)["history"]
     ret = result.return_value or {}  # rank 0's return value (of the last attempt)
     return {"test_acc": history[-1].get("test_acc", ret.get("test_acc")),
-            "epochs": len(history), "params": ret.get("params"),
+            "epochs": len(history), "params": params,
             "resumed_from_epoch": ret.get("resumed_from_epoch"),
             "num_workers": args.num_workers, "global_batch_size": cfg.batch_size,
             "per_worker_batch_size": max(1, cfg.batch_size // args.num_workers),

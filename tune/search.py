@@ -106,6 +106,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Train
     if args.resume or args.out:
         parser.error("--resume/--out do not apply: rerun with the same --name to resume; "
                      "outputs go to STORAGE/NAME")
+    if "://" in args.storage:
+        parser.error("--storage must be a folder (shared, e.g. NFS, on a multi-node cluster): "
+                     "the results files and best_checkpoint.pt are written there")
     args.data = str(resolve_data_root(args.data).resolve())  # trials run in other folders
     args.device = "cpu" if args.cpu else "cuda"
     if args.val_split is None:  # 10% of the training images (of --subset when given)
