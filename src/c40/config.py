@@ -10,12 +10,15 @@ from c40.errors import ConfigError
 # Recipes override the dataclass defaults; explicit CLI flags override recipes.
 RECIPES: dict[str, dict] = {
     # >= 85% test accuracy in <= 300 s on a 2-core CPU (see benchmarks/results/).
-    "fast": dict(arch="strided", epochs=10, batch_size=256, lr=0.4, label_smoothing=0.2),
+    # Measured: 8 epochs -> 84.4%, so 10 (the first 5 at 24 px, ~0.56x the FLOPs).
+    "fast": dict(arch="strided", epochs=10, batch_size=128, lr=0.2, label_smoothing=0.2,
+                 aug_p=0.3, low_res=24, low_res_epochs=5, eval_every=0),
     # pushes toward 94% under 200k params; hours on a CPU, minutes on a GPU.
     "best": dict(arch="strided", epochs=60, batch_size=256, lr=0.2, label_smoothing=0.1,
                  width=1.0, ema=True),
     # the dilated arch (no stride, no pooling): >= 85% within 30 min on a 2-core CPU.
-    "dilated": dict(arch="dilated", epochs=12, batch_size=256, lr=0.4, label_smoothing=0.2),
+    "dilated": dict(arch="dilated", epochs=14, batch_size=128, lr=0.2, label_smoothing=0.2,
+                    aug_p=0.3, eval_every=0),
     # the assignment's reference: SGD 0.1 momentum 0.9, no schedule, 45 epochs.
     "reference": dict(arch="strided", epochs=45, batch_size=128, lr=0.1, schedule="constant",
                       nesterov=False, weight_decay=0.0, label_smoothing=0.0, dropout=0.1,
@@ -54,8 +57,8 @@ class TrainConfig:
     tta: bool = True              # horizontal-flip test-time augmentation at evaluation
     subset: int | None = None     # use only the first N training images
     test_subset: int | None = None  # use only the first N test images
-    val_split: int = 0            # hold out N training images as a validation set (0: none)
-    eval_every: int = 1           # evaluate on the test set every N epochs (and at the end)
+    val_split: int = 0            # hold out N training images, evaluated every epoch (0: none)
+    eval_every: int = 1           # test every N epochs and at the end (0: only at the end)
     seed: int = 0                 # seeds model init, augmentation and shuffling
     device: str = "auto"          # auto | cpu | cuda | cuda:N
     data: str | None = None       # cifar-10-batches-py folder (default: $C40_DATA or ./data/...)
@@ -88,7 +91,7 @@ class TrainConfig:
             (0 < self.ema_decay < 1, f"ema-decay must be in (0, 1), got {self.ema_decay}"),
             (self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
             (self.val_split >= 0, f"val-split must be >= 0, got {self.val_split}"),
-            (self.eval_every >= 1, f"eval-every must be >= 1, got {self.eval_every}"),
+            (self.eval_every >= 0, f"eval-every must be >= 0, got {self.eval_every}"),
             (self.subset is None or self.subset >= 1, f"subset must be >= 1, got {self.subset}"),
             (self.test_subset is None or self.test_subset >= 1,
              f"test-subset must be >= 1, got {self.test_subset}"),

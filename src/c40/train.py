@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,7 +240,7 @@ def train_one_epoch(run: _Run, epoch: int, progress: bool) -> dict:
     first_bad = torch.full((), -1, dtype=torch.long, device=run.device)  # first non-finite step
     seen, t0 = 0, time.perf_counter()
     res = cfg.low_res if epoch < cfg.low_res_epochs else None  # progressive resizing
-    bar = tqdm(run.train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
+    bar = tqdm(run.train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or not sys.stderr.isatty(),
                leave=False, dynamic_ncols=True)
     for i, (x, y) in enumerate(bar):
         if cfg.nan_at_step is not None and run.step == cfg.nan_at_step:
@@ -298,10 +299,11 @@ def fit(cfg: TrainConfig, *, device: torch.device | str | None = None, rank: int
             metrics = {"epoch": epoch + 1, "lr": run.opt.param_groups[0]["lr"]}
             metrics.update(train_one_epoch(run, epoch, progress))
             last = epoch + 1 == cfg.epochs
-            if run.val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or last):
+            due = cfg.eval_every > 0 and (epoch + 1) % cfg.eval_every == 0
+            if run.val_loader is not None:  # every epoch: what early stopping (Tune) reads
                 ev = evaluate_run(run, "val")
                 metrics.update(val_loss=ev.loss, val_acc=ev.accuracy)
-            if last or (run.val_loader is None and (epoch + 1) % cfg.eval_every == 0):
+            if last or (run.val_loader is None and due):
                 ev = evaluate_run(run, "test")
                 metrics.update(test_loss=ev.loss, test_acc=ev.accuracy)
             metrics.update(seconds=time.perf_counter() - t0, elapsed=time.perf_counter() - t_start)
