@@ -12,6 +12,8 @@ from torch import nn
 from c40.errors import CheckpointError
 
 FORMAT_VERSION = 1
+# what a released (weights-only) checkpoint keeps: enough to evaluate, report and predict
+RELEASE_KEYS = ("model", "ema", "config", "params", "classes", "mean", "std", "history", "epoch")
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:

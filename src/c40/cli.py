@@ -96,6 +96,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from c40.config import add_config_flags
+    from c40.inference import EXPORT_FORMATS
     from c40.model import list_models
 
     p = argparse.ArgumentParser(prog="c40", description=__doc__.splitlines()[0])
@@ -139,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="write the model as TorchScript or ONNX")
     x.add_argument("--checkpoint", required=True)
-    x.add_argument("--format", required=True, choices=["torchscript", "onnx"])
+    x.add_argument("--format", required=True, choices=list(EXPORT_FORMATS))
     x.add_argument("--out", required=True, help="output file")
     x.set_defaults(func=_cmd_export)
 

@@ -12,7 +12,7 @@ RECIPES: dict[str, dict] = {
     # >= 85% test accuracy in <= 300 s on a 2-core CPU (see benchmarks/results/).
     # Measured: 8 epochs -> 84.4%, so 10 (the first 5 at 24 px, ~0.56x the FLOPs).
     "fast": dict(arch="strided", epochs=10, batch_size=128, lr=0.2, label_smoothing=0.2,
-                 aug_p=0.3, low_res=24, low_res_epochs=5, eval_every=0),
+                 aug_p=0.3, low_res=24, low_res_frac=0.5, eval_every=0),
     # pushes toward 94% under 200k params; hours on a CPU, minutes on a GPU.
     "best": dict(arch="strided", epochs=60, batch_size=256, lr=0.2, label_smoothing=0.1,
                  width=1.0, ema=True),
@@ -30,7 +30,7 @@ RECIPES: dict[str, dict] = {
 class TrainConfig:
     """Everything a training run depends on; saved inside every checkpoint."""
 
-    recipe: str = "fast"          # name in RECIPES whose values fill unset fields
+    recipe: str = "fast"          # fast | best | dilated | reference: fills the fields not given
     arch: str = "strided"         # model name in the c40.model registry
     width: float = 1.0            # channel multiplier (params must stay < 200k)
     dropout: float = 0.0          # dropout probability after each block and before the head
@@ -49,9 +49,10 @@ class TrainConfig:
     workers: int = 2              # worker processes of the albumentations loader
     aug_p: float = 0.5            # probability of the shift-scale-rotate and of the cutout
     flip_p: float = 0.5           # probability of the horizontal flip
-    low_res: int = 32             # training resolution (pixels) of the first low_res_epochs
-    low_res_epochs: int = 0       # progressive resizing: epochs trained at low_res, then 32
-    amp: str = "auto"             # auto | bf16 | fp16 | off (auto: bf16 on CPU, fp16 on CUDA)
+    low_res: int = 32             # progressive resizing: training resolution (pixels) of the
+    low_res_frac: float = 0.0     # ... first low_res_frac x epochs (rounded down), then 32
+    amp: str = "auto"             # auto | bf16 | fp16 | off (auto: fp16 on CUDA, bf16 on CPUs
+                                  # with native bf16, else off)
     channels_last: bool = True    # NHWC memory format for the model and batches
     compile: bool = False         # torch.compile the model
     tta: bool = True              # horizontal-flip test-time augmentation at evaluation
@@ -84,8 +85,7 @@ class TrainConfig:
             (0 <= self.aug_p <= 1, f"aug-p must be in [0, 1], got {self.aug_p}"),
             (0 <= self.flip_p <= 1, f"flip-p must be in [0, 1], got {self.flip_p}"),
             (8 <= self.low_res <= 32, f"low-res must be in [8, 32], got {self.low_res}"),
-            (0 <= self.low_res_epochs <= self.epochs,
-             f"low-res-epochs must be in [0, epochs], got {self.low_res_epochs}"),
+            (0 <= self.low_res_frac < 1, f"low-res-frac must be in [0, 1), got {self.low_res_frac}"),
             (0 <= self.warmup < 1, f"warmup must be in [0, 1), got {self.warmup}"),
             (self.weight_decay >= 0, f"weight-decay must be >= 0, got {self.weight_decay}"),
             (0 < self.ema_decay < 1, f"ema-decay must be in (0, 1), got {self.ema_decay}"),
@@ -114,20 +114,42 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def _field_comments(cls) -> dict[str, str]:
+    """The `# ...` comment after each field in the class source: the flag's help text."""
+    import inspect
+    import re
+
+    helps: dict[str, str] = {}
+    last = None
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s{4}(\w+): [^=]+=.*?#\s*(.*)$", line)
+        if m:
+            last = m.group(1)
+            helps[last] = m.group(2)
+        elif last and re.match(r"\s+#\s*(.*)$", line):  # a continued comment
+            helps[last] += " " + line.strip().lstrip("#").strip()
+        else:
+            last = None
+    return helps
+
+
 def add_config_flags(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
     """One `--flag` per dataclass field; unset flags stay None so recipes can fill them."""
+    helps = _field_comments(cls)
     for f in fields(cls):
         if f.metadata.get("hidden"):
             continue
         flag = "--" + f.name.replace("_", "-")
         default_type = type(f.default) if f.default is not None else None
         if f.type in ("bool",) or default_type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=helps.get(f.name))
             continue
         kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
         if default_type in (int, float):
             kind = default_type
-        parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper())
+        parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper(),
+                            help=helps.get(f.name))
 
 
 def config_from_args(args: argparse.Namespace, cls=TrainConfig) -> TrainConfig:

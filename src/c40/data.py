@@ -4,15 +4,14 @@ Everything returns a `Dataset` of uint8 NHWC images and int64 labels; nothing he
 """
 from __future__ import annotations
 
-import io
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from c40.errors import DataError
+from c40.safepickle import safe_unpickle
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"  # published checksum of the tarball
@@ -53,30 +52,6 @@ def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
     """Per-channel mean and std of uint8 NHWC images, in [0, 1] units."""
     x = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
     return tuple(x.mean(0).tolist()), tuple(x.std(0).tolist())
-
-
-# ---------------------------------------------------------------------------- safe pickle
-_ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("_codecs", "encode"),  # numpy arrays pickled under Python 2 encode their bytes this way
-}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Rebuilds numpy arrays and plain containers only; any other global is refused."""
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refused to load '{module}.{name}' (only numpy arrays "
-                                     "and plain containers are allowed)")
-
-
-def safe_unpickle(raw: bytes):
-    """Unpickle bytes that may come from anyone: no code runs, only data is rebuilt."""
-    return _RestrictedUnpickler(io.BytesIO(raw), encoding="bytes").load()
 
 
 def _key(d: dict, name: str):

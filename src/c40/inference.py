@@ -24,7 +24,7 @@ from c40.loaders import LoaderSpec, TensorLoader
 from c40.train import resolve_amp, resolve_device
 
 SIZE = 32  # the models' input side in pixels
-EXPORT_FORMATS = ("torchscript", "onnx")
+EXPORT_FORMATS = ("torchscript", "onnx", "weights")
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -165,8 +165,14 @@ def export_checkpoint(path, fmt: str, out) -> Path:
     """Export the checkpoint's model (input: normalised float (B, 3, 32, 32), output: logits).
 
     TorchScript files carry `c40.json` (classes, mean, std, arch) as an extra file; ONNX needs
-    the optional `onnx` package.
+    the optional `onnx` package. `weights` is a c40 checkpoint without the training state
+    (optimizer, schedule, RNG): a third of the size, loadable by eval/report/predict.
     """
+    if fmt == "weights":
+        from c40.checkpoint import RELEASE_KEYS, load_checkpoint, save_checkpoint
+
+        state = load_checkpoint(path)
+        return save_checkpoint({k: state[k] for k in RELEASE_KEYS if k in state}, out)
     if fmt not in EXPORT_FORMATS:
         raise C40Error(f"unknown export format '{fmt}' (choose from {', '.join(EXPORT_FORMATS)})")
     if fmt == "onnx" and importlib.util.find_spec("onnx") is None:

@@ -239,7 +239,7 @@ def train_one_epoch(run: _Run, epoch: int, progress: bool) -> dict:
     correct = torch.zeros((), dtype=torch.long, device=run.device)
     first_bad = torch.full((), -1, dtype=torch.long, device=run.device)  # first non-finite step
     seen, t0 = 0, time.perf_counter()
-    res = cfg.low_res if epoch < cfg.low_res_epochs else None  # progressive resizing
+    res = cfg.low_res if epoch < int(cfg.low_res_frac * cfg.epochs) else None  # progressive resizing
     bar = tqdm(run.train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or not sys.stderr.isatty(),
                leave=False, dynamic_ncols=True)
     for i, (x, y) in enumerate(bar):
