@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine_info, write_result  # noqa: E402
+from _common import machine_info, non_negative, positive, write_result  # noqa: E402
 
 from c40.augment import create_albumentations  # noqa: E402
 from c40.cpu_loader import AlbumentationsLoader  # noqa: E402
@@ -156,18 +156,6 @@ def run(args) -> dict:
 
 
 def _parse(argv=None) -> argparse.Namespace:
-    def positive(s: str) -> int:
-        v = int(s)
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-        return v
-
-    def non_negative(s: str) -> int:
-        v = int(s)
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-        return v
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     ap.add_argument("--workers", type=non_negative, default=2, help="worker processes for (a), (b)")

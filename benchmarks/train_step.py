@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine_info, write_result  # noqa: E402
+from _common import machine_info, non_negative, positive, write_result  # noqa: E402
 
 from c40.config import TrainConfig  # noqa: E402
 from c40.model import count_params, create_model, list_models  # noqa: E402
@@ -108,18 +108,6 @@ def run(args) -> dict:
 
 
 def _parse(argv=None) -> argparse.Namespace:
-    def positive(s: str) -> int:
-        v = int(s)
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-        return v
-
-    def non_negative(s: str) -> int:
-        v = int(s)
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-        return v
-
     def archs(s: str) -> list[str]:
         names = [a.strip() for a in s.split(",") if a.strip()]
         bad = [a for a in names if a not in list_models()]

@@ -1,8 +1,10 @@
 """Shared fixtures: the real CIFAR-10 folder beside the repo, small slices of it, tiny copies."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import pickle
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -42,3 +44,27 @@ def tiny_cifar(tmp_path_factory, cifar_dir) -> Path:
     write_batch(root / "test_batch", chw(test_images[:200]), test_labels[:200])
     (root / "batches.meta").write_bytes((cifar_dir / "batches.meta").read_bytes())
     return root
+
+
+def load_script(rel: str):
+    """Import a script by path. Not put in sys.modules, so Ray pickles its functions by value."""
+    spec = importlib.util.spec_from_file_location(f"c40_script_{Path(rel).stem}", REPO / rel)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray (2 CPUs) for all Ray tests; HOME is a temp dir so ~/.ray is untouched."""
+    ray = pytest.importorskip("ray")
+    saved = dict(os.environ)  # ray.init also exports RAY_AUTH_MODE=token: restore it all
+    with tempfile.TemporaryDirectory(prefix="c40-ray-home-") as home:
+        os.environ["HOME"] = home
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+            os.environ.clear()
+            os.environ.update(saved)

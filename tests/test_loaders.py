@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import random
 import subprocess
 import sys
 import textwrap
@@ -223,7 +222,7 @@ def test_worker_exception_surfaces_as_a_clear_error(real, spec, monkeypatch):
 
 
 def test_workers_exit_when_the_parent_dies_without_closing(real, spec):
-    script = textwrap.dedent(f"""
+    script = textwrap.dedent("""
         import os, numpy as np
         from c40.cpu_loader import AlbumentationsLoader
         from c40.loaders import LoaderSpec

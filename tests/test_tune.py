@@ -1,46 +1,16 @@
 """tune/search.py: the parameter limit inside the search, failed trials, result files."""
 from __future__ import annotations
 
-import importlib.util
-import os
-import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--cpu", "--epochs", "1", "--subset", "512", "--test-subset", "256", "--val-split", "128",
         "--batch-size", "64"]
-
-
-def load_script(rel: str):
-    """Import a script by path. Not put in sys.modules, so Ray pickles its functions by value."""
-    spec = importlib.util.spec_from_file_location(f"c40_script_{Path(rel).stem}", ROOT / rel)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray (2 CPUs) for all Ray tests; HOME is a temp dir so ~/.ray is untouched.
-    (Defined the same way in each Ray test module: whichever runs first starts it.)"""
-    if ray.is_initialized():
-        yield
-        return
-    saved = dict(os.environ)  # ray.init also exports RAY_AUTH_MODE=token: restore it all
-    with tempfile.TemporaryDirectory(prefix="c40-ray-home-") as home:
-        os.environ["HOME"] = home
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        try:
-            yield
-        finally:
-            ray.shutdown()
-            os.environ.clear()
-            os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")
