@@ -12,7 +12,7 @@ from c40.train import fit
 
 def tiny_cfg(data, out, **kw):
     base = dict(data=str(data), out=str(out), width=0.5, epochs=2, batch_size=64, lr=0.2,
-                test_subset=200, tta=False, seed=3)
+                test_subset=200, tta=False, seed=3, eval_every=1)
     return TrainConfig.from_recipe("fast", **{**base, **kw})
 
 

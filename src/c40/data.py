@@ -74,7 +74,8 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except (TypeError, AttributeError) as e:
         raise DataError(f"{path}: not a CIFAR-10 batch ({e})") from None
     except Exception as e:  # truncated/corrupt/unsafe pickles raise many kinds of errors
-        raise DataError(f"{path}: unreadable or unsafe batch file ({type(e).__name__}: {e})") from None
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise DataError(f"{path}: unreadable or unsafe batch file ({type(e).__name__}: {first})") from None
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
             or data.shape[1] != 3072:
         shape = getattr(data, "shape", type(data).__name__)
