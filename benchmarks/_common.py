@@ -97,3 +97,22 @@ def non_negative(s: str) -> int:
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
     return v
+
+
+def run_and_emit(args, run, summarize) -> int:
+    """Run a benchmark: a C40Error is one line and exit 2; --out writes the JSON result,
+    --json prints it, otherwise `summarize(res, args)` prints a human summary."""
+    from c40.errors import C40Error
+
+    try:
+        res = run(args)
+    except C40Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.out:
+        write_result(args.out, res)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        summarize(res, args)
+    return 0

@@ -13,7 +13,6 @@ is on the device (CUDA synchronised); R interleaved rounds, the median is report
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine_info, non_negative, positive, write_result  # noqa: E402
+from _common import machine_info, non_negative, positive, run_and_emit  # noqa: E402
 
 from c40.augment import create_albumentations  # noqa: E402
 from c40.cpu_loader import AlbumentationsLoader  # noqa: E402
@@ -168,23 +167,15 @@ def _parse(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def _print_summary(res: dict, args) -> None:
+    for k in ("baseline_img_s", "cpu_loader_img_s", "tensor_cpu_img_s", "tensor_cuda_img_s"):
+        print(f"{k:>20}: {res[k] if res[k] is not None else 'skipped'}")
+    for k in ("cpu_loader_vs_baseline", "tensor_cpu_vs_baseline", "tensor_cuda_vs_baseline"):
+        print(f"{k:>24}: {res[k]}")
+
+
 def main(argv=None) -> int:
-    args = _parse(argv)
-    try:
-        res = run(args)
-    except C40Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.out:
-        write_result(args.out, res)
-    if args.json:
-        print(json.dumps(res, indent=2))
-    else:
-        for k in ("baseline_img_s", "cpu_loader_img_s", "tensor_cpu_img_s", "tensor_cuda_img_s"):
-            print(f"{k:>20}: {res[k] if res[k] is not None else 'skipped'}")
-        for k in ("cpu_loader_vs_baseline", "tensor_cpu_vs_baseline", "tensor_cuda_vs_baseline"):
-            print(f"{k:>24}: {res[k]}")
-    return 0
+    return run_and_emit(_parse(argv), run, _print_summary)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import os
 import sys
 import time
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine_info, non_negative, positive, write_result  # noqa: E402
+from _common import machine_info, non_negative, positive, run_and_emit  # noqa: E402
 
 from c40.config import TrainConfig  # noqa: E402
 from c40.model import count_params, create_model, list_models  # noqa: E402
@@ -131,28 +130,18 @@ def _parse(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = _parse(argv)
-    from c40.errors import C40Error
+def _print_summary(res: dict, args) -> None:
+    print(f"device={res['config']['device']} amp={res['config']['c40_amp']} "
+          f"batch={args.batch_size}")
+    for arch, r in res["archs"].items():
+        comp = f"  compiled {r['compiled_img_s']} ({r['compiled_vs_baseline']}x)" \
+            if r["compiled_img_s"] is not None else ""
+        print(f"{arch:>8}: baseline {r['baseline_img_s']} img/s  c40 {r['c40_img_s']} "
+              f"({r['c40_vs_baseline']}x){comp}")
 
-    try:
-        res = run(args)
-    except C40Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.out:
-        write_result(args.out, res)
-    if args.json:
-        print(json.dumps(res, indent=2))
-    else:
-        print(f"device={res['config']['device']} amp={res['config']['c40_amp']} "
-              f"batch={args.batch_size}")
-        for arch, r in res["archs"].items():
-            comp = f"  compiled {r['compiled_img_s']} ({r['compiled_vs_baseline']}x)" \
-                if r["compiled_img_s"] is not None else ""
-            print(f"{arch:>8}: baseline {r['baseline_img_s']} img/s  c40 {r['c40_img_s']} "
-                  f"({r['c40_vs_baseline']}x){comp}")
-    return 0
+
+def main(argv=None) -> int:
+    return run_and_emit(_parse(argv), run, _print_summary)
 
 
 if __name__ == "__main__":
