@@ -49,9 +49,19 @@ class Dataset:
 
 
 def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 NHWC images, in [0, 1] units."""
-    x = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
-    return tuple(x.mean(0).tolist()), tuple(x.std(0).tolist())
+    """Per-channel mean and std of uint8 NHWC images, in [0, 1] units.
+
+    Exact, from a 256-bin histogram per channel (0.4 s for the 50k training images; converting
+    them to float64 took 7 s of every run's start)."""
+    v = np.arange(256, dtype=np.float64) / 255.0
+    means, stds = [], []
+    for c in range(images.shape[-1]):
+        h = np.bincount(images[..., c].ravel(), minlength=256).astype(np.float64)
+        n = h.sum()
+        m = float(h @ v / n)
+        means.append(m)
+        stds.append(float(np.sqrt(max(h @ (v - m) ** 2 / n, 0.0))))
+    return tuple(means), tuple(stds)
 
 
 def _key(d: dict, name: str):
