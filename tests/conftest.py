@@ -55,8 +55,11 @@ def load_script(rel: str):
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray (2 CPUs) for all Ray tests; HOME is a temp dir so ~/.ray is untouched."""
+def ray_local():
+    """The one in-process local Ray (2 CPUs) of a test run; HOME is a temp dir so ~/.ray is
+    untouched. Only the Ray Train tests use it: the Tune test starts its own in a subprocess
+    (a second `ray.init` in one process timed out here), and pytest-timeout turns any hang into
+    a failure."""
     ray = pytest.importorskip("ray")
     saved = dict(os.environ)  # ray.init also exports RAY_AUTH_MODE=token: restore it all
     with tempfile.TemporaryDirectory(prefix="c40-ray-home-") as home:

@@ -34,7 +34,7 @@ def _train(script, data: Path, tmp: Path, name: str, *extra: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def two_workers(ray_session, script, tiny_cifar, tmp_path_factory):
+def two_workers(ray_local, script, tiny_cifar, tmp_path_factory):
     return _train(script, tiny_cifar, tmp_path_factory.mktemp("dist"), "w2", "--num-workers", "2")
 
 
@@ -53,7 +53,7 @@ def test_two_cpu_workers_leave_a_checkpoint_c40_eval_loads(two_workers, tiny_cif
     assert out["n"] == 200 and 0.0 <= out["accuracy"] <= 1.0
 
 
-def test_rank1_crash_resumes_from_last_checkpoint(ray_session, script, tiny_cifar, tmp_path,
+def test_rank1_crash_resumes_from_last_checkpoint(ray_local, script, tiny_cifar, tmp_path,
                                                   monkeypatch):
     """Rank 1 exits once ~5 s after reporting epoch 1 (C40_FAIL_AT_EPOCH); the worker group
     restarts (max_failures=1), resumes from the epoch-1 checkpoint and finishes epochs 2-3."""
@@ -66,7 +66,7 @@ def test_rank1_crash_resumes_from_last_checkpoint(ray_session, script, tiny_cifa
     assert "test_acc" in s["history"][-1]
 
 
-def test_one_worker_matches_two_workers(ray_session, script, two_workers, tiny_cifar, tmp_path):
+def test_one_worker_matches_two_workers(ray_local, script, two_workers, tiny_cifar, tmp_path):
     """Same seed and GLOBAL batch (64): 1 worker x 64 vs 2 workers x 32 see the same images per
     step (rank r takes every 2nd index of the same permutation) and DDP averages gradients, so
     the runs match up to (a) BatchNorm statistics computed per rank over 32 instead of 64

@@ -81,3 +81,47 @@ def test_huge_lr_diverges_cleanly(tiny_cifar, tmp_path):
 def test_validation_split_reports_val_metrics(tiny_cifar, tmp_path):
     res = fit(tiny_cfg(tiny_cifar, tmp_path, epochs=1, val_split=100), progress=False)
     assert {"val_acc", "val_loss", "test_acc"} <= set(res.history[-1])
+
+
+@pytest.mark.parametrize("recipe", ["fast", "best", "dilated", "reference"])
+def test_every_recipe_trains_on_a_tiny_subset(recipe, tiny_cifar, tmp_path):
+    """Each recipe's own settings (low-res epochs, EMA, the albumentations loader of the
+    reference, the dilated arch) run end to end: 2 short epochs, the first at low res where the
+    recipe has it (low_res_frac 0.5 of 2 epochs)."""
+    cfg = TrainConfig.from_recipe(recipe, data=str(tiny_cifar), out=str(tmp_path), epochs=2,
+                                  subset=256, test_subset=200, batch_size=64, workers=1)
+    if cfg.low_res < 32:
+        cfg.low_res_frac = 0.5
+    res = fit(cfg, progress=False)
+    assert [m["epoch"] for m in res.history] == [1, 2]
+    assert 0.0 <= res.accuracy <= 1.0 and res.params < 200_000
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["config"]["recipe"] == recipe and state["config"]["arch"] == cfg.arch
+    assert (state["ema"] is not None) == cfg.ema
+
+
+def test_depthwise_convs_run_in_fp32_under_cpu_bf16_autocast():
+    """oneDNN's bf16 depthwise backward is ~30x slower than fp32 on CPU: those convs are kept in
+    fp32 while every other conv still runs in bf16; nothing changes without bf16 or on CUDA."""
+    from torch import nn
+
+    from c40.model import create_model
+    from c40.train import keep_depthwise_fp32
+
+    model = create_model("strided", width=0.5)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    depthwise = [m for m in convs if m.groups > 1]
+    assert depthwise
+    assert keep_depthwise_fp32(model, None, torch.device("cpu")) == 0
+    assert keep_depthwise_fp32(model, torch.bfloat16, torch.device("cuda")) == 0
+    assert keep_depthwise_fp32(model, torch.bfloat16, torch.device("cpu")) == len(depthwise)
+    dtypes = {}
+    for m in convs:
+        m.register_forward_hook(lambda mod, inp, out: dtypes.__setitem__(mod, out.dtype))
+    x = torch.randn(4, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    out.float().sum().backward()
+    assert all(dtypes[m] == torch.float32 for m in depthwise)
+    assert all(dtypes[m] == torch.bfloat16 for m in convs if m.groups == 1)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
