@@ -44,6 +44,8 @@ def machine_info() -> dict:
     """Where and when a benchmark ran: hardware, versions, command line, git commit."""
     import torch
 
+    from c40.train import cpu_has_native_bf16
+
     cuda = torch.cuda.is_available()
     info = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -52,6 +54,7 @@ def machine_info() -> dict:
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "cpu_model": _cpu_model(),
+        "cpu_bf16": cpu_has_native_bf16(),  # AVX512-BF16/AMX: CPU bf16 autocast is on (amp=auto)
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,

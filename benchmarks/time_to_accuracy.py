@@ -91,6 +91,21 @@ def _summary(runs: list[dict]) -> dict | None:
             "all_reached_85": None not in to85}
 
 
+MACHINE_KEYS = ("cpu_model", "device_name", "cpu_count", "cpu_bf16")
+
+
+def _same_machine(a: dict, b: dict) -> bool:
+    """Same CPU model, device, core count and bf16 support ("AMD EPYC" names both AVX2-only and
+    AVX512-BF16 hosts here, with 2x different speed). Results written before cpu_bf16 was
+    recorded (2026-11-28) lack it and are matched on the other keys."""
+    return all(a.get(k, b.get(k)) == b.get(k) if k == "cpu_bf16" else a.get(k) == b.get(k)
+               for k in MACHINE_KEYS)
+
+
+def _machine_line(m: dict) -> str:
+    return ", ".join(f"{k}={m.get(k)!r}" for k in MACHINE_KEYS)
+
+
 def _reference_from(path: str, machine: dict) -> dict:
     try:
         old = json.loads(Path(path).read_text())
@@ -98,10 +113,9 @@ def _reference_from(path: str, machine: dict) -> dict:
         theirs = old["machine"]
     except (OSError, ValueError, KeyError, AttributeError) as e:
         raise RuntimeError(f"--reference-from {path}: not a time_to_accuracy result ({e})") from None
-    for key in ("cpu_model", "device_name"):
-        if theirs.get(key) != machine.get(key):
-            raise RuntimeError(f"--reference-from {path}: measured on another machine "
-                               f"({key} {theirs.get(key)!r} != {machine.get(key)!r})")
+    if not _same_machine(theirs, machine):
+        raise RuntimeError(f"--reference-from {path}: measured on another machine "
+                           f"({_machine_line(theirs)} != {_machine_line(machine)})")
     if not runs:
         raise RuntimeError(f"--reference-from {path}: holds no reference run")
     return {f"reference-seed{r['seed']}": {**r, "source": str(path)} for r in runs}
@@ -143,8 +157,7 @@ def main(argv=None) -> int:
     except ValueError:
         result = {}
     machine = machine_info()
-    same_machine = all(result.get("machine", {}).get(k) == machine[k]
-                       for k in ("cpu_model", "device_name", "cpu_count"))
+    same_machine = _same_machine(result.get("machine", {}), machine)
     runs: dict = result.get("runs", {}) if same_machine else {}  # never mix machines
     try:
         plan = [("fast", s) for s in args.seeds]

@@ -2,7 +2,8 @@
 
   (a) baseline: the plain loop: fp32, NCHW, eager; forward, cross-entropy, backward, SGD step
   (b) c40: `c40.train.train_step` as `fit` runs it: channels_last model and batch,
-      `resolve_amp("auto", device)` autocast (+ GradScaler for fp16), our SGD optimizer
+      `resolve_amp("auto", device)` autocast (+ GradScaler for fp16; depthwise convs kept fp32
+      under CPU bf16, as `fit` does), our SGD optimizer
   (c) (b) under `torch.compile`, with --compile
 
 Every variant starts from the same initial weights (one seeded model, deep-copied) and trains on
@@ -28,7 +29,8 @@ from _common import machine_info, non_negative, positive, run_and_emit  # noqa: 
 
 from c40.config import TrainConfig  # noqa: E402
 from c40.model import count_params, create_model, list_models  # noqa: E402
-from c40.train import create_optimizer, resolve_amp, resolve_device, train_step  # noqa: E402
+from c40.train import (create_optimizer, keep_depthwise_fp32, resolve_amp,  # noqa: E402
+                       resolve_device, train_step)
 
 
 def _baseline_step(model, x, y):
@@ -47,6 +49,7 @@ def _c40_step(model, x, y, arch: str, device: torch.device, compile: bool):
     model = model.to(memory_format=torch.channels_last)
     x = x.contiguous(memory_format=torch.channels_last)
     amp = resolve_amp("auto", device)
+    keep_depthwise_fp32(model, amp, device)  # as fit() does: CPU bf16 depthwise backward is slow
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
     opt = create_optimizer(model, TrainConfig.from_recipe("fast", arch=arch))
@@ -121,7 +124,7 @@ def _parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--steps", type=positive, default=20, help="timed steps per round")
     ap.add_argument("--warmup", type=non_negative, default=3, help="untimed steps per round")
     ap.add_argument("--repeats", type=positive, default=3, help="interleaved rounds (median)")
-    ap.add_argument("--batch-size", type=positive, default=256)
+    ap.add_argument("--batch-size", type=positive, default=128, help="the recipes' batch size")
     ap.add_argument("--archs", type=archs, default=["strided", "dilated"],
                     help="comma-separated arch names")
     ap.add_argument("--width", type=float, default=1.0, help="channel multiplier")

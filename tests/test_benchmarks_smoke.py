@@ -110,3 +110,18 @@ def test_time_to_accuracy_smoke_and_skip_on_rerun(tiny_cifar, tmp_path):
     again = _tta(*args)  # the same command again: measured already, so nothing runs
     assert again.returncode == 0 and "skipped" in again.stderr, again.stderr
     assert json.loads((tmp_path / "res" / "time_to_accuracy.json").read_text())["runs"] == res["runs"]
+
+
+def test_time_to_accuracy_never_mixes_machines():
+    """Results of another machine are dropped, not merged: the CPU model string alone ("AMD
+    EPYC") does not tell a 2x faster AVX512-BF16 host from an AVX2 one, so bf16 support counts."""
+    from conftest import load_script
+
+    tta = load_script("benchmarks/time_to_accuracy.py")
+    here = {"cpu_model": "AMD EPYC", "device_name": "cpu", "cpu_count": 2, "cpu_bf16": True}
+    assert tta._same_machine(dict(here), here)
+    assert not tta._same_machine({**here, "cpu_bf16": False}, here)
+    assert not tta._same_machine({**here, "cpu_count": 16}, here)
+    assert not tta._same_machine({**here, "device_name": "NVIDIA H100"}, here)
+    legacy = {k: v for k, v in here.items() if k != "cpu_bf16"}  # written before it was recorded
+    assert tta._same_machine(legacy, here)

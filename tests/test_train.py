@@ -125,3 +125,17 @@ def test_depthwise_convs_run_in_fp32_under_cpu_bf16_autocast():
     assert all(dtypes[m] == torch.float32 for m in depthwise)
     assert all(dtypes[m] == torch.bfloat16 for m in convs if m.groups == 1)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    # a deep copy (the EMA model is one) computes with its own weights, not the original's
+    import copy
+
+    twin = copy.deepcopy(model).eval()
+    model.eval()
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not torch.allclose(twin(x).float(), model(x).float())
+        dw = next(m for m in twin.modules() if isinstance(m, nn.Conv2d) and m.groups > 1)
+        z = torch.randn(2, dw.in_channels, 8, 8)
+        assert torch.allclose(dw(z), torch.nn.functional.conv2d(
+            z, dw.weight, None, dw.stride, dw.padding, dw.dilation, dw.groups))

@@ -55,7 +55,8 @@ def resolve_device(name: str = "auto") -> torch.device:
     return dev
 
 
-def _cpu_has_native_bf16() -> bool:
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU runs bf16 natively (AVX512-BF16 or AMX), which makes CPU bf16 autocast pay."""
     try:
         flags = Path("/proc/cpuinfo").read_text().split()
     except OSError:
@@ -71,15 +72,17 @@ def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
     if mode == "auto":
         if device.type == "cuda":
             return torch.float16
-        return torch.bfloat16 if _cpu_has_native_bf16() else None
+        return torch.bfloat16 if cpu_has_native_bf16() else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
 
 
-def _fp32_forward(forward: Callable) -> Callable:
-    def run(x: torch.Tensor) -> torch.Tensor:
+class _Fp32Conv2d(nn.Conv2d):
+    """A Conv2d that runs in fp32 under autocast. Swapped in as the class of existing modules
+    (not a patched bound `forward`): deep copies such as the EMA model keep their own weights."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            return forward(x.float())
-    return run
+            return super().forward(x.float())
 
 
 def keep_depthwise_fp32(model: nn.Module, amp: torch.dtype | None, device: torch.device) -> int:
@@ -93,8 +96,8 @@ def keep_depthwise_fp32(model: nn.Module, amp: torch.dtype | None, device: torch
         return 0
     n = 0
     for m in model.modules():
-        if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels:
-            m.forward = _fp32_forward(m.forward)
+        if type(m) is nn.Conv2d and m.groups > 1 and m.groups == m.in_channels:
+            m.__class__ = _Fp32Conv2d
             n += 1
     return n
 
