@@ -67,6 +67,29 @@ def test_eval_json_agrees_with_report_summary(capsys, ckpt, data, tmp_path):
     assert {"train_grid.png", "curves.png", "confusion.png", "predictions.parquet"} <= names
 
 
+def test_eval_uses_the_runs_own_tta_unless_told(capsys, ckpt, data, tmp_path):
+    """`c40 eval` reproduces what `c40 train` printed: flip TTA when the run evaluated with it
+    (the recipes do), unless --tta/--no-tta says otherwise."""
+    import torch
+
+    state = torch.load(ckpt, weights_only=True)
+    state["config"]["tta"] = True
+    with_tta = tmp_path / "tta.pt"
+    torch.save(state, with_tta)
+    runs = {}
+    for name, path, flags in [("own_off", ckpt, []), ("own_on", with_tta, []),
+                              ("forced_off", with_tta, ["--no-tta"]), ("forced_on", ckpt, ["--tta"])]:
+        rc, out, _ = _cli(capsys, "eval", "--checkpoint", path, "--data", data, "--json",
+                          "--device", "cpu", *flags)
+        assert rc == 0
+        runs[name] = json.loads(out)
+    assert [runs[k]["tta"] for k in ("own_off", "own_on", "forced_off", "forced_on")] == \
+        [False, True, False, True]
+    assert runs["own_on"]["accuracy"] == runs["forced_on"]["accuracy"]
+    assert runs["own_off"]["accuracy"] == runs["forced_off"]["accuracy"]
+    assert runs["own_on"]["loss"] != runs["own_off"]["loss"]  # TTA really ran
+
+
 def test_eval_text_and_tta(capsys, ckpt, data):
     rc, out, _ = _cli(capsys, "eval", "--checkpoint", ckpt, "--data", data, "--tta",
                       "--device", "cpu")

@@ -47,9 +47,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     ev, state = evaluate_checkpoint(args.checkpoint, data=args.data, tta=args.tta,
                                     device=args.device)
     if args.json:
-        print(json.dumps(describe(ev, state, args.checkpoint, tta=args.tta)))
+        print(json.dumps(describe(ev, state, args.checkpoint, tta=state["tta_used"])))
     else:
-        print(f"{state['config']['arch']}: accuracy {ev.accuracy:.4f} on {ev.n} test images "
+        tta = " with flip TTA" if state["tta_used"] else ""
+        print(f"{state['config']['arch']}: accuracy {ev.accuracy:.4f} on {ev.n} test images{tta} "
               f"(top-5 {ev.topk_accuracy(5):.4f}, loss {ev.loss:.4f}, "
               f"params {state['params']:,})")
         for name, acc in zip(ev.classes, ev.per_class_accuracy()):
@@ -118,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--data", default=None)
     e.add_argument("--device", default="auto")
-    e.add_argument("--tta", action="store_true", help="average with the horizontal flip")
+    e.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average with the horizontal flip (default: as the training run evaluated)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=_cmd_eval)
 
@@ -129,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the history saved in the checkpoint)")
     r.add_argument("--data", default=None)
     r.add_argument("--device", default="auto")
-    r.add_argument("--tta", action="store_true", help="average with the horizontal flip")
+    r.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average with the horizontal flip (default: as the training run evaluated)")
     r.set_defaults(func=_cmd_report)
 
     pr = sub.add_parser("predict", help="class and confidence of image files (resized to 32x32)")

@@ -21,7 +21,7 @@ from c40.data import Dataset, load_dataset, resolve_data_root
 from c40.errors import C40Error, DataError
 from c40.evaluate import Evaluation, evaluate
 from c40.loaders import LoaderSpec, TensorLoader
-from c40.train import resolve_amp, resolve_device
+from c40.train import keep_depthwise_fp32, resolve_amp, resolve_device
 
 SIZE = 32  # the models' input side in pixels
 EXPORT_FORMATS = ("torchscript", "onnx", "weights")
@@ -43,15 +43,24 @@ def evaluate_model(model: nn.Module, state: dict, ds: Dataset, device: torch.dev
 def _load(path, device: str) -> tuple[nn.Module, dict, torch.device]:
     dev = resolve_device(device)
     model, state = load_model(path, map_location="cpu")
+    keep_depthwise_fp32(model, resolve_amp("auto", dev), dev)  # the numerics fit() evaluated with
     return model.to(dev, memory_format=torch.channels_last), state, dev
 
 
-def evaluate_checkpoint(path, *, data=None, tta: bool = False, device: str = "auto",
+def run_tta(state: dict, tta: bool | None) -> bool:
+    """`tta` if given, else what the training run evaluated with (its config's `tta`), so
+    `c40 eval` reproduces the accuracy `c40 train` printed."""
+    return bool(state["config"].get("tta", False)) if tta is None else tta
+
+
+def evaluate_checkpoint(path, *, data=None, tta: bool | None = None, device: str = "auto",
                         split: str = "test") -> tuple[Evaluation, dict]:
-    """The checkpoint's model on a split of the data, normalised with its training statistics."""
+    """The checkpoint's model on a split of the data, normalised with its training statistics.
+    Returns the evaluation and the checkpoint; `state["tta_used"]` says whether flip TTA ran."""
     model, state, dev = _load(path, device)
+    state["tta_used"] = run_tta(state, tta)
     ds = load_dataset(resolve_data_root(data), split)
-    return evaluate_model(model, state, ds, dev, tta=tta), state
+    return evaluate_model(model, state, ds, dev, tta=state["tta_used"]), state
 
 
 def describe(ev: Evaluation, state: dict, checkpoint, *, tta: bool) -> dict:
@@ -63,7 +72,7 @@ def describe(ev: Evaluation, state: dict, checkpoint, *, tta: bool) -> dict:
                            "checkpoint": str(checkpoint), "classes": list(ev.classes)}
 
 
-def report_checkpoint(path, out, *, data=None, tta: bool = False, device: str = "auto",
+def report_checkpoint(path, out, *, data=None, tta: bool | None = None, device: str = "auto",
                       metrics=None) -> dict[str, Path]:
     """Evaluate a checkpoint on the test set and write the full report into `out`.
 
@@ -74,6 +83,7 @@ def report_checkpoint(path, out, *, data=None, tta: bool = False, device: str = 
 
     history = read_metrics(metrics) if metrics is not None else None
     model, state, dev = _load(path, device)
+    tta = run_tta(state, tta)
     root = resolve_data_root(data)
     test = load_dataset(root, "test")
     ev = evaluate_model(model, state, test, dev, tta=tta)
