@@ -83,3 +83,20 @@ def test_eval_missing_and_corrupt_checkpoint(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     _assert_clean_error(c40("eval", "--checkpoint", str(bad)), "unreadable checkpoint")
+
+
+def test_output_into_a_closed_pipe_is_not_a_traceback():
+    """`c40 eval ... | head -1`: the reader has gone before c40 writes; c40 exits quietly.
+    Here the pipe's read end is closed before the process starts, so every write fails."""
+    import os
+    import subprocess
+    import sys
+
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        p = subprocess.run([sys.executable, "-m", "c40", "summary", "--arch", "strided"],
+                           stdout=w, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(w)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr

@@ -163,3 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"c40 {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `c40 eval ... | head`: the reader left; not an error of ours
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no 2nd error at exit
+        return 0
