@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from c40.errors import C40Error
@@ -42,14 +43,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from c40.inference import describe, evaluate_checkpoint
+    from c40.inference import describe, evaluate_checkpoint, run_tta
 
     ev, state = evaluate_checkpoint(args.checkpoint, data=args.data, tta=args.tta,
                                     device=args.device)
+    used_tta = run_tta(state, args.tta)
     if args.json:
-        print(json.dumps(describe(ev, state, args.checkpoint, tta=state["tta_used"])))
+        print(json.dumps(describe(ev, state, args.checkpoint, tta=used_tta)))
     else:
-        tta = " with flip TTA" if state["tta_used"] else ""
+        tta = " with flip TTA" if used_tta else ""
         print(f"{state['config']['arch']}: accuracy {ev.accuracy:.4f} on {ev.n} test images{tta} "
               f"(top-5 {ev.topk_accuracy(5):.4f}, loss {ev.loss:.4f}, "
               f"params {state['params']:,})")
@@ -164,7 +166,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"c40 {args.command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `c40 eval ... | head`: the reader left; not an error of ours
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no 2nd error at exit
         return 0

@@ -56,11 +56,10 @@ def run_tta(state: dict, tta: bool | None) -> bool:
 def evaluate_checkpoint(path, *, data=None, tta: bool | None = None, device: str = "auto",
                         split: str = "test") -> tuple[Evaluation, dict]:
     """The checkpoint's model on a split of the data, normalised with its training statistics.
-    Returns the evaluation and the checkpoint; `state["tta_used"]` says whether flip TTA ran."""
+    Flip TTA ran when `run_tta(state, tta)` is true."""
     model, state, dev = _load(path, device)
-    state["tta_used"] = run_tta(state, tta)
     ds = load_dataset(resolve_data_root(data), split)
-    return evaluate_model(model, state, ds, dev, tta=state["tta_used"]), state
+    return evaluate_model(model, state, ds, dev, tta=run_tta(state, tta)), state
 
 
 def describe(ev: Evaluation, state: dict, checkpoint, *, tta: bool) -> dict:
