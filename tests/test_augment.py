@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from c40.augment import (affine_params, batch_affine, batch_cutout, batch_flip,
-                         create_albumentations, mean_fill)
+from c40.augment import (affine_params, batch_affine, batch_augment, batch_cutout, batch_flip,
+                         create_albumentations, mean_fill, normalize, normalize_)
 from c40.data import channel_stats, load_cifar10
 
 stats = pytest.importorskip("scipy.stats")
@@ -116,6 +116,50 @@ def test_affine_with_p1_changes_every_image(real):
     images, mean, std = real
     out = batch_affine(_nchw(images), torch.Generator().manual_seed(0), p=1.0)
     assert ((out - _nchw(images)).abs().flatten(1).amax(1) > 0).all()
+
+
+@pytest.mark.parametrize("p, flip_p", [(0.5, None), (1.0, 1.0), (1.0, 0.0), (0.0, 1.0), (0.3, 0.7)])
+def test_batch_augment_is_flip_then_affine_then_cutout(real, p, flip_p):
+    """The fused pipeline (rows regrouped by transform, flip folded into the affine grid, in-place
+    writes) draws the same numbers in the same order as the three public steps, so each of its
+    rows must equal the steps' output for that image: the distribution tests below then hold for
+    what the loader really runs."""
+    images, mean, _ = real
+    x = _nchw(images[np.arange(256) % len(images)])  # float pixel values
+    fill = torch.tensor(mean_fill(mean))
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    steps = batch_cutout(batch_affine(batch_flip(x, g1, p if flip_p is None else flip_p), g1, p),
+                         g1, fill, p)
+    before = x.clone()
+    fused, order = batch_augment(x.to(torch.uint8).contiguous(memory_format=torch.channels_last),
+                                 g2, fill, p, flip_p)
+    assert sorted(order.tolist()) == list(range(256))  # a permutation of the batch
+    assert fused.dtype == torch.float32
+    assert torch.equal(x, before)  # the input is not written
+    assert (fused - steps[order]).abs().max() < 1e-2  # pixel values: bilinear rounding only
+    changed = (fused != x[order]).flatten(1).any(1).float().mean()
+    assert changed > 0.5 if p > 0 else changed == 1.0  # p = 0: only the flips (flip_p = 1)
+
+
+def test_affine_grid_matches_torch(real):
+    """`_sample` builds affine_grid's grid itself (faster on CPU); it must be the same grid."""
+    import torch.nn.functional as F
+    from c40.augment import _sample
+
+    x = _nchw(real[0][:16])
+    theta = torch.tensor([[0.9, 0.2, 0.1], [-0.2, 0.9, -0.05]]).repeat(16, 1, 1)
+    want = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False),
+                         mode="bilinear", padding_mode="reflection", align_corners=False)
+    assert (_sample(x, theta) - want).abs().max() < 1e-3
+
+
+def test_normalize_in_place_matches_the_definition():
+    x = torch.arange(256.0).view(1, 1, 16, 16).repeat(2, 3, 1, 1)
+    mean, std = torch.tensor([0.49, 0.48, 0.45]), torch.tensor([0.25, 0.24, 0.26])
+    want = (x / 255 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    y = normalize(x, mean, std)
+    assert torch.allclose(y, want, atol=1e-5) and torch.equal(x[0, 0, 0], torch.arange(16.0))
+    assert normalize_(x, mean, std) is x and torch.equal(x, y)
 
 
 # ------------------------------------------------------- distribution equivalence

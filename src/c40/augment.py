@@ -13,6 +13,7 @@ Distributions shared by both paths (each transform fires with probability `p`):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -70,6 +71,35 @@ def affine_params(n: int, gen: torch.Generator, device) -> dict[str, torch.Tenso
             "angle": _uniform(n, -ROTATE, ROTATE, gen, device)}
 
 
+def _inverse_theta(prm: dict[str, torch.Tensor], idx: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(n, 2, 3) affine_grid matrices of images `idx`: output -> input coordinates in [-1, 1] units,
+    the inverse of p' = sR p + t."""
+    a = prm["angle"][idx] * (math.pi / 180)
+    s = prm["scale"][idx]
+    cos, sin = torch.cos(a) / s, torch.sin(a) / s
+    # albumentations truncates the shift to whole pixels; so do we (then to [-1, 1] units)
+    t = torch.stack([torch.trunc(prm["tx"][idx] * w) * (2 / w),
+                     torch.trunc(prm["ty"][idx] * h) * (2 / h)], 1)
+    rot_inv = torch.stack([torch.stack([cos, sin], 1), torch.stack([-sin, cos], 1)], 1)  # (n, 2, 2)
+    return torch.cat([rot_inv, -(rot_inv @ t.unsqueeze(2))], 2)
+
+
+def _sample(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Bilinear, reflected-border resampling of (n, C, H, W) at the (n, 2, 3) `theta` grid.
+
+    The grid is `F.affine_grid(theta, align_corners=False)` written as broadcast multiply-adds:
+    affine_grid's batched matmul of 3x2 matrices measured 2 ms of a 13 ms CPU batch."""
+    n, _, h, w = x.shape
+    theta = theta.to(x.dtype)
+    xs = (torch.arange(w, device=x.device, dtype=x.dtype) * 2 + 1) / w - 1   # pixel centres
+    ys = (torch.arange(h, device=x.device, dtype=x.dtype) * 2 + 1) / h - 1
+    t = theta.view(n, 6, 1, 1)
+    gx = t[:, 0] * xs + t[:, 1] * ys[:, None] + t[:, 2]                     # (n, H, W)
+    gy = t[:, 3] * xs + t[:, 4] * ys[:, None] + t[:, 5]
+    return F.grid_sample(x, torch.stack([gx, gy], 3), mode="bilinear", padding_mode="reflection",
+                         align_corners=False)
+
+
 def batch_affine(x: torch.Tensor, gen: torch.Generator, p: float = 0.5) -> torch.Tensor:
     """Shift-scale-rotate each float image of (B, C, H, W) with probability p (reflected borders)."""
     sel = _select(x.shape[0], p, gen, x.device)
@@ -77,50 +107,112 @@ def batch_affine(x: torch.Tensor, gen: torch.Generator, p: float = 0.5) -> torch
     idx = sel.nonzero().squeeze(1)
     if idx.numel() == 0:
         return x
-    a = prm["angle"][idx] * (math.pi / 180)
-    s = prm["scale"][idx]
-    cos, sin = torch.cos(a) / s, torch.sin(a) / s
-    # theta maps output -> input coords (normalised to [-1, 1]): the inverse of p' = sR p + t
-    h, w = x.shape[2:]
-    # albumentations truncates the shift to whole pixels; so do we (then to [-1, 1] units)
-    t = torch.stack([torch.trunc(prm["tx"][idx] * w) * (2 / w),
-                     torch.trunc(prm["ty"][idx] * h) * (2 / h)], 1)
-    rot_inv = torch.stack([torch.stack([cos, sin], 1), torch.stack([-sin, cos], 1)], 1)  # (n, 2, 2)
-    theta = torch.cat([rot_inv, -(rot_inv @ t.unsqueeze(2))], 2).to(x.dtype)  # (n, 2, 3)
-    sub = x.index_select(0, idx)
-    grid = F.affine_grid(theta, list(sub.shape), align_corners=False)
     out = x.clone()
-    out[idx] = F.grid_sample(sub, grid, mode="bilinear", padding_mode="reflection",
-                             align_corners=False)
+    out[idx] = _sample(x.index_select(0, idx), _inverse_theta(prm, idx, *x.shape[2:]))
     return out
+
+
+def _hole_draws(b: int, h: int, w: int, gen: torch.Generator, device, p: float,
+                size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per image: whether it gets a hole (prob. p) and the hole's top-left corner (uniform)."""
+    sel = _select(b, p, gen, device)
+    y0 = torch.randint(0, h - size + 1, (b,), generator=gen, device=device)
+    x0 = torch.randint(0, w - size + 1, (b,), generator=gen, device=device)
+    return sel, y0, x0
+
+
+def _hole_mask(sel: torch.Tensor, y0: torch.Tensor, x0: torch.Tensor, h: int, w: int,
+               size: int) -> torch.Tensor:
+    """(B, H, W) bool: the size x size hole of each selected image."""
+    rows = torch.arange(h, device=sel.device)
+    cols = torch.arange(w, device=sel.device)
+    in_r = (rows >= y0[:, None]) & (rows < y0[:, None] + size) & sel[:, None]  # (B, H)
+    in_c = (cols >= x0[:, None]) & (cols < x0[:, None] + size)                 # (B, W)
+    return in_r[:, :, None] & in_c[:, None, :]
 
 
 def batch_cutout(x: torch.Tensor, gen: torch.Generator, fill: torch.Tensor, p: float = 0.5,
                  size: int = HOLE) -> torch.Tensor:
     """One size x size hole per image (with probability p) filled with `fill` (C,) pixel values."""
     b, _, h, w = x.shape
-    sel = _select(b, p, gen, x.device)
-    y0 = torch.randint(0, h - size + 1, (b,), generator=gen, device=x.device)
-    x0 = torch.randint(0, w - size + 1, (b,), generator=gen, device=x.device)
-    rows = torch.arange(h, device=x.device)
-    cols = torch.arange(w, device=x.device)
-    in_r = (rows >= y0[:, None]) & (rows < y0[:, None] + size)   # (B, H)
-    in_c = (cols >= x0[:, None]) & (cols < x0[:, None] + size)   # (B, W)
-    hole = (in_r[:, :, None] & in_c[:, None, :] & sel[:, None, None]).unsqueeze(1)  # (B, 1, H, W)
+    hole = _hole_mask(*_hole_draws(b, h, w, gen, x.device, p, size), h, w, size).unsqueeze(1)
     return torch.where(hole, fill.to(x.dtype).view(1, -1, 1, 1), x)
 
 
+@dataclass
+class AugmentPlan:
+    """One batch's draws, arranged so the work runs on contiguous rows: the output row k holds
+    input image `order[k]`; rows [0, n_affine) are shifted/rotated (their flip folded into
+    `theta`), rows [n_affine, n_affine + n_flip) are only flipped; `holes` = (rows, y0, x0) of the
+    output rows that get a cutout and their holes' top-left corners."""
+    order: torch.Tensor
+    n_affine: int
+    n_flip: int
+    theta: torch.Tensor
+    holes: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def plan_augment(b: int, h: int, w: int, gen: torch.Generator, device, p: float = 0.5,
+                 flip_p: float | None = None) -> AugmentPlan:
+    """The draws of `batch_cutout(batch_affine(batch_flip(x)))` (same numbers, same order) for a
+    batch of b images of h x w."""
+    flip = _select(b, p if flip_p is None else flip_p, gen, device)
+    aff = _select(b, p, gen, device)
+    prm = affine_params(b, gen, device)
+    cut, y0, x0 = _hole_draws(b, h, w, gen, device, p, HOLE)
+    group = 2 - 2 * aff.long() - (flip & ~aff).long()             # 0 affine, 1 flip only, 2 rest
+    order = torch.argsort(group, stable=True)
+    n_affine, n_flip, _ = torch.bincount(group, minlength=3).tolist()
+    first = order[:n_affine]
+    theta = _inverse_theta(prm, first, h, w)
+    theta[:, 0] *= 1 - 2 * flip[first].to(theta.dtype)[:, None]  # mirrored input: negate x_in
+    rows = cut.index_select(0, order).nonzero().squeeze(1)         # output rows with a hole
+    src = order.index_select(0, rows)
+    return AugmentPlan(order, n_affine, n_flip, theta, (rows, y0[src], x0[src]))
+
+
+def apply_augment_(x: torch.Tensor, plan: AugmentPlan, fill: torch.Tensor) -> torch.Tensor:
+    """Augment float (B, C, H, W) rows already gathered in `plan.order`, in place; `fill` (C,) in
+    x's units (pixel values, or normalised: every step commutes with a per-channel affine
+    normalisation). Fastest on channels_last x. Returns x."""
+    b, c, h, w = x.shape
+    a, f = plan.n_affine, plan.n_affine + plan.n_flip
+    if a:  # grid_sample measured ~25% faster on an NCHW-contiguous input than on channels_last
+        x[:a] = _sample(x[:a].contiguous(), plan.theta)
+    if f > a:
+        x[a:f] = x[a:f].flip(3)
+    rows, y0, x0 = plan.holes
+    if len(rows):  # write the HOLE x HOLE pixels only (~1/8 of the batch), not a full mask pass
+        k = torch.arange(HOLE, device=x.device)
+        ys, xs = (y0[:, None] + k)[:, :, None], (x0[:, None] + k)[:, None, :]  # (n, HOLE, 1), (n, 1, HOLE)
+        fill = fill.to(x.dtype)
+        if x.is_contiguous(memory_format=torch.channels_last):  # one flat index per pixel
+            pix = (rows[:, None, None] * h + ys) * w + xs                     # (n, HOLE, HOLE)
+            flat = pix.flatten()
+            x.permute(0, 2, 3, 1).view(-1, c).index_copy_(0, flat, fill.expand(len(flat), c))
+        else:
+            x.permute(0, 2, 3, 1)[rows[:, None, None], ys, xs] = fill
+    return x
+
+
 def batch_augment(x: torch.Tensor, gen: torch.Generator, fill: torch.Tensor,
-                  p: float = 0.5, flip_p: float | None = None) -> torch.Tensor:
-    """uint8 or float (B, C, H, W) in pixel values -> augmented float32 (B, C, H, W), pixel values.
+                  p: float = 0.5, flip_p: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 or float (B, C, H, W) in pixel values -> (augmented float32 batch, order): row k of
+    the result is input image order[k], augmented with the draws `batch_cutout(batch_affine(
+    batch_flip(x)))` would have given it (a test holds the two equal). x is not written.
 
     `p` is the probability of the affine and the cutout; the flip's is `flip_p` (default: p)."""
-    x = x.float()
-    x = batch_flip(x, gen, p if flip_p is None else flip_p)
-    x = batch_affine(x, gen, p)
-    return batch_cutout(x, gen, fill, p)
+    b, _, h, w = x.shape
+    plan = plan_augment(b, h, w, gen, x.device, p, flip_p)
+    return apply_augment_(x.index_select(0, plan.order).float(), plan, fill), plan.order
+
+
+def normalize_(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """In place: float pixel values (B, C, H, W) -> (x / 255 - mean) / std, as x * 1/(255 std)
+    - mean/std (two passes); (C,) mean/std in [0, 1] units. Returns x."""
+    return x.mul_((1 / (255.0 * std)).view(1, -1, 1, 1)).sub_((mean / std).view(1, -1, 1, 1))
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Pixel values (B, C, H, W) -> (x / 255 - mean) / std with (C,) mean/std in [0, 1] units."""
-    return (x.float() * (1 / 255.0) - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    """`normalize_` into a new float32 tensor (x untouched)."""
+    return normalize_(x.to(torch.float32, copy=True), mean, std)

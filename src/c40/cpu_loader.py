@@ -5,7 +5,7 @@ device), so the train loop cannot tell them apart.
 Why not torch DataLoader: it pickles every sample and collates in Python. Here the uint8 dataset
 sits once in shared memory; forked workers read it without copies, write each augmented uint8
 batch into a ring of shared-memory slots, and only (batch number, slot) travels over the queue.
-The main process normalises batches with `c40.augment.normalize` (the same op as the tensor path)
+The main process normalises batches with `c40.augment.normalize_` (the same op as the tensor path)
 instead of per image. Labels never travel: the main process indexes them itself.
 
 Determinism: batch b of epoch e draws from an RNG seeded by (seed, rank, e, b), and results are
@@ -26,7 +26,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from c40.augment import create_albumentations, normalize
+from c40.augment import create_albumentations, normalize, normalize_
 from c40.loaders import LoaderSpec, epoch_indices, num_batches
 
 _POLL_S = 0.5  # how often a waiting side checks that the other side is still alive
@@ -255,7 +255,7 @@ class AlbumentationsLoader:
         out = torch.empty(t.shape, dtype=torch.float32).contiguous(memory_format=fmt)
         step = max(1, 32768 // t[0].numel())
         for i in range(0, len(t), step):
-            out[i:i + step] = normalize(t[i:i + step], self.mean, self.std)
+            normalize_(out[i:i + step].copy_(t[i:i + step]), self.mean, self.std)
         return out
 
     def _to_device_labels(self, idx: np.ndarray) -> torch.Tensor:
