@@ -160,7 +160,7 @@ def _parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--workers", type=non_negative, default=2, help="worker processes for (a), (b)")
     ap.add_argument("--batches", type=positive, default=60, help="timed batches per loader")
     ap.add_argument("--batch-size", type=positive, default=512)
-    ap.add_argument("--repeats", type=positive, default=3, help="interleaved rounds (median)")
+    ap.add_argument("--repeats", type=positive, default=5, help="interleaved rounds (median)")
     ap.add_argument("--p", type=float, default=0.5, help="probability of each augmentation")
     ap.add_argument("--data", default=None, help="cifar-10-batches-py folder (else $C40_DATA)")
     ap.add_argument("--out", default=None, help="also write the JSON result to this file")

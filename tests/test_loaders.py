@@ -226,10 +226,16 @@ def test_close_mid_epoch_frees_resources_and_stops_the_iterator(real, spec):
 
 
 class _Boom:
+    """A pipeline whose one transform raises (the loader runs `compose.transforms` in order)."""
+
+    def __init__(self):
+        self.transforms = [self._boom]
+
     def set_random_state(self, *a):
         pass
 
-    def __call__(self, image):
+    @staticmethod
+    def _boom(image):
         raise ValueError("boom in the pipeline")
 
 

@@ -207,10 +207,19 @@ def batch_augment(x: torch.Tensor, gen: torch.Generator, fill: torch.Tensor,
     return apply_augment_(x.index_select(0, plan.order).float(), plan, fill), plan.order
 
 
+def normalize_constants(mean, std) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift), (C,) float32: normalised = pixel * scale - shift, i.e. (x / 255 - mean) / std.
+    The one place these numbers are computed, so every loader normalises bit for bit alike."""
+    mean = torch.as_tensor(mean, dtype=torch.float32)
+    std = torch.as_tensor(std, dtype=torch.float32)
+    return 1 / (255.0 * std), mean / std
+
+
 def normalize_(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """In place: float pixel values (B, C, H, W) -> (x / 255 - mean) / std, as x * 1/(255 std)
-    - mean/std (two passes); (C,) mean/std in [0, 1] units. Returns x."""
-    return x.mul_((1 / (255.0 * std)).view(1, -1, 1, 1)).sub_((mean / std).view(1, -1, 1, 1))
+    """In place: float pixel values (B, C, H, W) -> (x / 255 - mean) / std, as x * scale - shift
+    (`normalize_constants`; two passes); (C,) mean/std in [0, 1] units. Returns x."""
+    scale, shift = normalize_constants(mean.cpu(), std.cpu())
+    return x.mul_(scale.to(x.device).view(1, -1, 1, 1)).sub_(shift.to(x.device).view(1, -1, 1, 1))
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

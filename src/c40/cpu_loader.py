@@ -3,10 +3,11 @@ workers, yielding exactly what `TensorLoader` yields (normalised float32 NCHW, i
 device), so the train loop cannot tell them apart.
 
 Why not torch DataLoader: it pickles every sample and collates in Python. Here the uint8 dataset
-sits once in shared memory; forked workers read it without copies, write each augmented uint8
-batch into a ring of shared-memory slots, and only (batch number, slot) travels over the queue.
-The main process normalises batches with `c40.augment.normalize_` (the same op as the tensor path)
-instead of per image. Labels never travel: the main process indexes them itself.
+sits once in shared memory; forked workers read it without copies, augment a batch, normalise
+it with two whole-batch numpy ops (the same float32 arithmetic as the tensor path's
+`c40.augment.normalize_`) into a ring of shared-memory float32 slots, and only (batch number,
+slot) travels over the queue; the main process just copies the batch out. Labels never travel:
+the main process indexes them itself.
 
 Determinism: batch b of epoch e draws from an RNG seeded by (seed, rank, e, b), and results are
 reordered by batch number, so the output does not depend on worker count or timing.
@@ -26,7 +27,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from c40.augment import create_albumentations, normalize, normalize_
+from c40.augment import create_albumentations, normalize_constants
 from c40.loaders import LoaderSpec, epoch_indices, num_batches
 
 _POLL_S = 0.5  # how often a waiting side checks that the other side is still alive
@@ -45,13 +46,28 @@ def _seed_batch(compose, spec: LoaderSpec, epoch: int, batch: int) -> None:
     compose.set_random_state(np.random.default_rng(ss), random.Random(int(ss.generate_state(1)[0])))
 
 
-def _fill_batch(compose, images: np.ndarray, idx: np.ndarray, out: np.ndarray) -> None:
-    """Augment images[idx] into out[:len(idx)] (uint8 in, uint8 out); copy when not augmenting."""
+def _fill_batch(compose, images: np.ndarray, idx: np.ndarray, out: np.ndarray,
+                scratch: np.ndarray, norm: tuple[np.ndarray, np.ndarray]) -> None:
+    """Augment images[idx] (uint8) into scratch, then normalise the whole batch into out[:n]
+    (float32 NHWC) with two numpy ops: pixel * scale - shift, the same float32 arithmetic as
+    `c40.augment.normalize_`, so both loaders yield bit-identical unaugmented batches."""
+    n = len(idx)
     if compose is None:
-        np.take(images, idx, axis=0, out=out[: len(idx)])
-        return
-    for j, i in enumerate(idx):
-        out[j] = compose(image=images[i])["image"]
+        np.take(images, idx, axis=0, out=scratch[:n])
+    else:  # the Compose's transforms in order, without the container's per-call bookkeeping
+        # (shape checks, bbox/keypoint processors: nothing to do for one image; ~6 of ~92 us)
+        transforms = compose.transforms
+        for j, i in enumerate(idx):
+            data = {"image": images[i]}
+            for t in transforms:
+                data = t(**data)
+            scratch[j] = data["image"]
+    np.multiply(scratch[:n], norm[0], out=out[:n])
+    np.subtract(out[:n], norm[1], out=out[:n])
+
+
+def _numpy_norm(spec: LoaderSpec) -> tuple[np.ndarray, np.ndarray]:
+    return tuple(t.numpy() for t in normalize_constants(spec.mean, spec.std))
 
 
 def _worker(tasks, results, images, slots, spec: LoaderSpec, parent: int) -> None:
@@ -62,6 +78,7 @@ def _worker(tasks, results, images, slots, spec: LoaderSpec, parent: int) -> Non
     cv2.setNumThreads(0)  # 32x32 images: threads only add contention with the other workers
     torch.set_num_threads(1)
     compose = create_albumentations(spec.mean, spec.std, spec.p, normalize=False, flip_p=spec.flip_p) if spec.augment else None
+    scratch, norm = np.empty(slots.shape[1:], np.uint8), _numpy_norm(spec)
     while True:
         try:
             task = tasks.get(timeout=_POLL_S)
@@ -75,7 +92,7 @@ def _worker(tasks, results, images, slots, spec: LoaderSpec, parent: int) -> Non
         try:
             if compose is not None:
                 _seed_batch(compose, spec, epoch, batch)
-            _fill_batch(compose, images, idx, slots[slot])
+            _fill_batch(compose, images, idx, slots[slot], scratch, norm)
             results.put((token, batch, slot, None))
         except Exception:
             results.put((token, batch, slot, traceback.format_exc()))
@@ -126,8 +143,6 @@ class AlbumentationsLoader:
             raise ValueError(f"workers must be >= 0, got {workers}")
         self.spec, self.device, self.workers, self.timeout = spec, torch.device(device), workers, timeout
         self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-        self.mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device)
-        self.std = torch.tensor(spec.std, dtype=torch.float32, device=self.device)
         self.epoch, self._token, self._pending, self._closed = 0, 0, set(), False
         self._pin = self.device.type == "cuda" and torch.cuda.is_available()
         self._n = len(images)
@@ -136,14 +151,15 @@ class AlbumentationsLoader:
         self._shms: list = []
         if workers == 0:
             self._images = images
-            self._slots = np.empty((1, b, *shape), np.uint8)
+            self._slots = np.empty((1, b, *shape), np.float32)
+            self._scratch, self._norm = np.empty((b, *shape), np.uint8), _numpy_norm(spec)
             self._compose = (create_albumentations(spec.mean, spec.std, spec.p, normalize=False, flip_p=spec.flip_p)
                              if spec.augment else None)
             return
         ctx = mp.get_context("fork")  # workers inherit the shared-memory mappings: nothing is pickled
         n_slots = 2 * workers + 2     # enough for every worker to hold one and prefetch one more
         self._images = self._shared(images.shape, images)
-        self._slots = self._shared((n_slots, b, *shape))
+        self._slots = self._shared((n_slots, b, *shape), dtype=np.float32)  # normalised batches
         self._tasks, self._results = ctx.Queue(), ctx.Queue()
         for _ in range(workers):
             p = ctx.Process(target=_worker, daemon=True, args=(
@@ -154,10 +170,10 @@ class AlbumentationsLoader:
         self._finalizer = weakref.finalize(self, _shutdown, self._procs,
                                            (self._tasks, self._results), self._shms)
 
-    def _shared(self, shape, data: np.ndarray | None = None) -> np.ndarray:
-        shm = SharedMemory(create=True, size=max(1, int(np.prod(shape))))
+    def _shared(self, shape, data: np.ndarray | None = None, dtype=np.uint8) -> np.ndarray:
+        shm = SharedMemory(create=True, size=max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize))
         self._shms.append(shm)
-        arr = np.ndarray(shape, np.uint8, buffer=shm.buf)
+        arr = np.ndarray(shape, dtype, buffer=shm.buf)
         if data is not None:
             arr[...] = data
         return arr
@@ -178,7 +194,7 @@ class AlbumentationsLoader:
             for b, idx in enumerate(batches):
                 if self._compose is not None:
                     _seed_batch(self._compose, spec, epoch, b)
-                _fill_batch(self._compose, self._images, idx, self._slots[0])
+                _fill_batch(self._compose, self._images, idx, self._slots[0], self._scratch, self._norm)
                 yield self._to_device(self._slots[0][: len(idx)]), self._to_device_labels(idx)
             return
         self._drain()  # an earlier, abandoned iteration may still be writing into slots
@@ -241,22 +257,19 @@ class AlbumentationsLoader:
                 return
 
     def _to_device(self, x: np.ndarray) -> torch.Tensor:
-        """(B, H, W, 3) uint8 -> normalised float32 (B, 3, H, W) on the device (a new tensor)."""
-        t = torch.from_numpy(x).permute(0, 3, 1, 2)  # (B, 3, H, W) view, channels_last strides
+        """A slot's normalised float32 (B, H, W, 3) -> a new (B, 3, H, W) tensor on the device.
+
+        The copy out of the slot is numpy's (one thread): a whole-batch torch op would wake
+        torch's thread pool, whose threads then fight the workers for the same cores."""
         fmt = torch.channels_last if self.spec.channels_last else torch.contiguous_format
         if self.device.type != "cpu":
+            t = torch.from_numpy(x).permute(0, 3, 1, 2)  # a view of the slot, channels_last strides
             if self._pin:
                 t = t.pin_memory()  # copies out of the slot; the copy below can then be async
-            t = t.to(self.device, non_blocking=self._pin)
-            return normalize(t, self.mean, self.std).contiguous(memory_format=fmt)
-        # On CPU, normalise in chunks below torch's intra-op grain (32768 elements): whole-batch
-        # ops wake torch's thread pool, whose threads then fight the workers for the same cores
-        # (measured on 2 cores: 0.072 -> 0.016 ms/img of main-process CPU time).
-        out = torch.empty(t.shape, dtype=torch.float32).contiguous(memory_format=fmt)
-        step = max(1, 32768 // t[0].numel())
-        for i in range(0, len(t), step):
-            normalize_(out[i:i + step].copy_(t[i:i + step]), self.mean, self.std)
-        return out
+            return t.to(self.device, non_blocking=self._pin).contiguous(memory_format=fmt)
+        if fmt == torch.channels_last:
+            return torch.from_numpy(np.array(x)).permute(0, 3, 1, 2)
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
     def _to_device_labels(self, idx: np.ndarray) -> torch.Tensor:
         return self.labels[torch.from_numpy(idx)].to(self.device, non_blocking=self._pin)
