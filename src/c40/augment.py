@@ -93,7 +93,7 @@ def _sample(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     theta = theta.to(x.dtype)
     xs = (torch.arange(w, device=x.device, dtype=x.dtype) * 2 + 1) / w - 1   # pixel centres
     ys = (torch.arange(h, device=x.device, dtype=x.dtype) * 2 + 1) / h - 1
-    t = theta.view(n, 6, 1, 1)
+    t = theta.reshape(n, 6, 1, 1)
     gx = t[:, 0] * xs + t[:, 1] * ys[:, None] + t[:, 2]                     # (n, H, W)
     gy = t[:, 3] * xs + t[:, 4] * ys[:, None] + t[:, 5]
     return F.grid_sample(x, torch.stack([gx, gy], 3), mode="bilinear", padding_mode="reflection",
