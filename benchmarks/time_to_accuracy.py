@@ -8,6 +8,8 @@ the first epoch whose test_acc >= 0.85 in metrics.jsonl; null if never), wall se
 Results are written after every run and a run whose result exists (same command) is skipped, so a
 long benchmark can be run in pieces; --force reruns. Usage:
   python benchmarks/time_to_accuracy.py --data DIR --seeds 0,1,2
+  python benchmarks/time_to_accuracy.py --data DIR --seeds 0,1,2 --force --skip-reference
+    (reruns the fast seeds and keeps the reference run already recorded in the output JSON)
 """
 from __future__ import annotations
 
@@ -118,7 +120,8 @@ def _reference_from(path: str, machine: dict) -> dict:
                            f"({_machine_line(theirs)} != {_machine_line(machine)})")
     if not runs:
         raise RuntimeError(f"--reference-from {path}: holds no reference run")
-    return {f"reference-seed{r['seed']}": {**r, "source": str(path)} for r in runs}
+    # a run that was itself taken from another file keeps that file as its source
+    return {f"reference-seed{r['seed']}": {**r, "source": r.get("source", str(path))} for r in runs}
 
 
 def plot(result: dict, path: Path) -> Path:

@@ -125,3 +125,24 @@ def test_time_to_accuracy_never_mixes_machines():
     assert not tta._same_machine({**here, "device_name": "NVIDIA H100"}, here)
     legacy = {k: v for k, v in here.items() if k != "cpu_bf16"}  # written before it was recorded
     assert tta._same_machine(legacy, here)
+
+
+def test_time_to_accuracy_reference_keeps_its_source(tmp_path):
+    """A reference run copied from file to file keeps naming the file it was first taken from;
+    one measured in the file it is read from gets that file as its source."""
+    from conftest import load_script
+
+    tta = load_script("benchmarks/time_to_accuracy.py")
+    here = {"cpu_model": "AMD EPYC", "device_name": "cpu", "cpu_count": 2, "cpu_bf16": True}
+    ref = {"recipe": "reference", "seed": 0, "seconds_to_85": 2087.6}
+    fast = {"recipe": "fast", "seed": 0}
+    f = tmp_path / "a.json"
+    f.write_text(json.dumps({"machine": here, "runs": {"reference-seed0": ref, "fast-seed0": fast}}))
+    got = tta._reference_from(str(f), here)
+    assert set(got) == {"reference-seed0"} and got["reference-seed0"]["source"] == str(f)
+    assert got["reference-seed0"]["seconds_to_85"] == 2087.6
+    g = tmp_path / "b.json"
+    g.write_text(json.dumps({"machine": here, "runs": got}))
+    assert tta._reference_from(str(g), here)["reference-seed0"]["source"] == str(f)
+    with pytest.raises(RuntimeError, match="another machine"):
+        tta._reference_from(str(g), {**here, "cpu_count": 16})

@@ -56,6 +56,9 @@ def test_resume_is_bit_identical_on_cpu(tiny_cifar, tmp_path, extra):
         assert torch.equal(a["model"][k], b["model"][k]), k
     for m1, m2 in zip(a["history"], b["history"]):
         assert m1["train_loss"] == m2["train_loss"] and m1["test_acc"] == m2["test_acc"]
+    # `elapsed` counts the whole run across the resume, not the resumed process alone
+    e = [m["elapsed"] for m in resumed.history]
+    assert e[1] >= e[0] + resumed.history[1]["seconds"] and e[2] > e[1]
 
 
 def test_existing_run_needs_resume(tiny_cifar, tmp_path):
@@ -76,6 +79,17 @@ def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tiny_cifar,
 def test_huge_lr_diverges_cleanly(tiny_cifar, tmp_path):
     with pytest.raises(TrainingDiverged, match="NaN/Inf"):
         fit(tiny_cfg(tiny_cifar, tmp_path, lr=1e6, epochs=1, warmup=0.0), progress=False)
+
+
+def test_only_rank_zero_evaluates(tiny_cifar, tmp_path):
+    """A non-zero rank of a distributed run trains its shard but neither evaluates (its BN
+    buffers differ from rank 0's by its own last batch) nor writes into the run folder."""
+    res = fit(tiny_cfg(tiny_cifar, tmp_path / "r1", epochs=1, subset=256, val_split=64),
+              rank=1, world_size=2, progress=False)
+    assert res.accuracy != res.accuracy  # NaN
+    m = res.history[-1]
+    assert m["train_loss"] > 0 and not {"test_acc", "val_acc"} & set(m)
+    assert not (tmp_path / "r1").exists()
 
 
 def test_validation_split_reports_val_metrics(tiny_cifar, tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 import sys
 import time
@@ -195,9 +196,12 @@ def _setup(cfg: TrainConfig, device: torch.device, rank: int, world_size: int,
                       drop_last=len(train) >= per_rank * world_size, seed=cfg.seed, rank=rank,
                       world_size=world_size, channels_last=cfg.channels_last)
     train_loader = create_loader(cfg.loader, train.images, train.labels, spec, device, cfg.workers)
+    # only rank 0 evaluates: every rank holds the same weights, and only rank 0's numbers are
+    # reported (other ranks' BN buffers differ by their own last batch)
     test_spec = LoaderSpec(1024, mean, std, channels_last=cfg.channels_last)
-    test_loader = TensorLoader(test.images, test.labels, test_spec, device)
-    val_loader = TensorLoader(val.images, val.labels, test_spec, device) if val is not None else None
+    test_loader = TensorLoader(test.images, test.labels, test_spec, device) if rank == 0 else None
+    val_loader = (TensorLoader(val.images, val.labels, test_spec, device)
+                  if val is not None and rank == 0 else None)
     opt = create_optimizer(model, cfg)
     sched = create_scheduler(opt, cfg, cfg.epochs * len(train_loader))
     amp = resolve_amp(cfg.amp, device)
@@ -312,7 +316,8 @@ def fit(cfg: TrainConfig, *, device: torch.device | str | None = None, rank: int
     """Train `cfg` and return the final test accuracy.
 
     rank/world_size/wrap_model let Ray Train run the same loop under DDP; `report(metrics,
-    checkpoint_path)` is called every epoch (checkpoint_path on rank 0 only, else None).
+    checkpoint_path)` is called every epoch (checkpoint_path on rank 0 only, else None). Only
+    rank 0 evaluates: other ranks' metrics carry no test/val numbers, their accuracy is NaN.
     """
     t_start = time.perf_counter()
     device = resolve_device(cfg.device) if device is None else torch.device(device)
@@ -321,6 +326,8 @@ def fit(cfg: TrainConfig, *, device: torch.device | str | None = None, rank: int
         _prepare_out(out, resume=cfg.resume or resume_from is not None)
     run = _setup(cfg, device, rank, world_size, wrap_model, resume_from)
     progress = progress and rank == 0
+    # `elapsed` counts the whole run: a resumed run continues from its last recorded elapsed
+    t_origin = t_start - (run.history[-1].get("elapsed", 0.0) if run.history else 0.0)
     try:
         for epoch in range(run.start_epoch, cfg.epochs):
             t0 = time.perf_counter()
@@ -331,10 +338,10 @@ def fit(cfg: TrainConfig, *, device: torch.device | str | None = None, rank: int
             if run.val_loader is not None:  # every epoch: what early stopping (Tune) reads
                 ev = evaluate_run(run, "val")
                 metrics.update(val_loss=ev.loss, val_acc=ev.accuracy)
-            if last or (run.val_loader is None and due):
+            if rank == 0 and (last or (cfg.val_split == 0 and due)):
                 ev = evaluate_run(run, "test")
                 metrics.update(test_loss=ev.loss, test_acc=ev.accuracy)
-            metrics.update(seconds=time.perf_counter() - t0, elapsed=time.perf_counter() - t_start)
+            metrics.update(seconds=time.perf_counter() - t0, elapsed=time.perf_counter() - t_origin)
             run.history.append(metrics)
             ckpt = None
             if rank == 0:
@@ -346,8 +353,8 @@ def fit(cfg: TrainConfig, *, device: torch.device | str | None = None, rank: int
     finally:
         run.train_loader.close()
     final = next((m["test_acc"] for m in reversed(run.history) if "test_acc" in m), None)
-    if final is None:  # resumed a finished run: evaluate what was loaded
-        final = evaluate_run(run).accuracy
+    if final is None:  # resumed a finished run: evaluate what was loaded (NaN: rank > 0)
+        final = evaluate_run(run).accuracy if rank == 0 else math.nan
     return FitResult(final, len(run.history), time.perf_counter() - t_start, run.params, out,
                      run.history)
 
