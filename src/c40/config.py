@@ -10,10 +10,11 @@ from c40.errors import ConfigError
 # Recipes override the dataclass defaults; explicit CLI flags override recipes.
 RECIPES: dict[str, dict] = {
     # the default: >= 85% as fast as we can on a CPU. On this project's 2-core AVX512-BF16 CPU
-    # (bf16 autocast): 10 epochs gave 85.6% in 206 s; 12 (the first 6 at 24 px, 0.56x FLOPs)
-    # buy margin over the 3-seed bar (benchmarks/results/time_to_accuracy.json).
-    "fast": dict(arch="strided", epochs=12, batch_size=128, lr=0.2, label_smoothing=0.2,
-                 aug_p=0.3, low_res=24, low_res_frac=0.5, eval_every=0),
+    # (bf16 autocast): 10 epochs gave 85.6% in 206 s; 11 (the first 6 at 24 px, 0.56x FLOPs)
+    # keep margin over the 3-seed bar and over 300 s on a slow day of the host
+    # (benchmarks/results/time_to_accuracy.json).
+    "fast": dict(arch="strided", epochs=11, batch_size=128, lr=0.2, label_smoothing=0.2,
+                 aug_p=0.3, low_res=24, low_res_frac=0.55, eval_every=0),
     # the most accuracy we can buy in well under 60 min on a 2-core bf16 CPU (~40 min there):
     # long schedule, stronger augmentation, EMA of the weights; 40% of the epochs at 24 px.
     "best": dict(arch="strided", epochs=120, batch_size=128, lr=0.2, label_smoothing=0.1,
