@@ -44,7 +44,7 @@ def machine_info() -> dict:
     """Where and when a benchmark ran: hardware, versions, command line, git commit."""
     import torch
 
-    from c40.train import cpu_has_native_bf16
+    from c40.precision import cpu_has_native_bf16
 
     cuda = torch.cuda.is_available()
     info = {

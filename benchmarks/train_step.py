@@ -14,7 +14,6 @@ K timed steps per round, CUDA synchronised; R interleaved rounds, the median is 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import os
 import sys
@@ -29,8 +28,8 @@ from _common import machine_info, non_negative, positive, run_and_emit  # noqa: 
 
 from c40.config import TrainConfig  # noqa: E402
 from c40.model import count_params, create_model, list_models  # noqa: E402
-from c40.train import (create_optimizer, keep_depthwise_fp32, resolve_amp,  # noqa: E402
-                       resolve_device, train_step)
+from c40.precision import autocast, keep_depthwise_fp32, resolve_amp, resolve_device  # noqa: E402
+from c40.train import create_optimizer, train_step  # noqa: E402
 
 
 def _baseline_step(model, x, y):
@@ -51,10 +50,9 @@ def _c40_step(model, x, y, arch: str, device: torch.device, compile: bool):
     amp = resolve_amp("auto", device)
     keep_depthwise_fp32(model, amp, device)  # as fit() does: CPU bf16 depthwise backward is slow
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
-    opt = create_optimizer(model, TrainConfig.from_recipe("fast", arch=arch))
-    net = torch.compile(model) if compile else model
-    return lambda: train_step(net, x, y, opt, scaler, autocast, label_smoothing=0.2)
+    opt = create_optimizer(model, TrainConfig.from_recipe("fast", arch=arch), fused=scaler.is_enabled())
+    net = torch.compile(model, dynamic=False) if compile else model
+    return lambda: train_step(net, x, y, opt, scaler, lambda: autocast(device, amp), label_smoothing=0.2)
 
 
 def _images_per_s(step, warmup: int, steps: int, batch_size: int, device: torch.device) -> float:

@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -144,7 +145,8 @@ class AugmentPlan:
     """One batch's draws, arranged so the work runs on contiguous rows: the output row k holds
     input image `order[k]`; rows [0, n_affine) are shifted/rotated (their flip folded into
     `theta`), rows [n_affine, n_affine + n_flip) are only flipped; `holes` = (rows, y0, x0) of the
-    output rows that get a cutout and their holes' top-left corners."""
+    output rows that get a cutout and their holes' top-left corners. The counts are host ints,
+    the tensors live on the training device."""
     order: torch.Tensor
     n_affine: int
     n_flip: int
@@ -152,23 +154,40 @@ class AugmentPlan:
     holes: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor to `device` without stalling it: pinned, then an asynchronous copy."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def plan_augment(b: int, h: int, w: int, gen: torch.Generator, device, p: float = 0.5,
                  flip_p: float | None = None) -> AugmentPlan:
     """The draws of `batch_cutout(batch_affine(batch_flip(x)))` (same numbers, same order) for a
-    batch of b images of h x w."""
-    flip = _select(b, p if flip_p is None else flip_p, gen, device)
-    aff = _select(b, p, gen, device)
-    prm = affine_params(b, gen, device)
-    cut, y0, x0 = _hole_draws(b, h, w, gen, device, p, HOLE)
-    group = 2 - 2 * aff.long() - (flip & ~aff).long()             # 0 affine, 1 flip only, 2 rest
-    order = torch.argsort(group, stable=True)
-    n_affine, n_flip, _ = torch.bincount(group, minlength=3).tolist()
-    first = order[:n_affine]
+    batch of b images of h x w, drawn on the host from the CPU generator `gen`.
+
+    Everything whose size depends on the draws (how many rows each transform gets, which rows
+    get a hole) is computed here, on the host, so the device never has to report a count back:
+    no host sync per batch on CUDA. The plan's tensors then go to `device` asynchronously."""
+    if gen.device.type != "cpu":
+        raise ValueError("plan_augment draws on the host: pass a CPU torch.Generator")
+    cpu, device = torch.device("cpu"), torch.device(device)
+    flip = _select(b, p if flip_p is None else flip_p, gen, cpu)
+    aff = _select(b, p, gen, cpu)
+    prm = affine_params(b, gen, cpu)
+    cut, y0, x0 = _hole_draws(b, h, w, gen, cpu, p, HOLE)
+    f, a = flip.numpy(), aff.numpy()
+    group = 2 - 2 * a.astype(np.int64) - (f & ~a)                  # 0 affine, 1 flip only, 2 rest
+    order = np.argsort(group, kind="stable")
+    n_affine, n_flip = int((group == 0).sum()), int((group == 1).sum())
+    first = torch.from_numpy(order[:n_affine])
     theta = _inverse_theta(prm, first, h, w)
     theta[:, 0] *= 1 - 2 * flip[first].to(theta.dtype)[:, None]  # mirrored input: negate x_in
-    rows = cut.index_select(0, order).nonzero().squeeze(1)         # output rows with a hole
-    src = order.index_select(0, rows)
-    return AugmentPlan(order, n_affine, n_flip, theta, (rows, y0[src], x0[src]))
+    rows = np.flatnonzero(cut.numpy()[order])                      # output rows with a hole
+    src = torch.from_numpy(order[rows])
+    holes = tuple(_to_device(t, device) for t in (torch.from_numpy(rows), y0[src], x0[src]))
+    return AugmentPlan(_to_device(torch.from_numpy(order), device), n_affine, n_flip,
+                       _to_device(theta, device), holes)
 
 
 def apply_augment_(x: torch.Tensor, plan: AugmentPlan, fill: torch.Tensor) -> torch.Tensor:

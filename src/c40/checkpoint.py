@@ -1,11 +1,16 @@
 """Checkpoints: written atomically (temp file + fsync + rename), read with `weights_only=True`."""
 from __future__ import annotations
 
+import functools
 import os
+import platform
+import random
+import subprocess
 import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -42,7 +47,10 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Read a c40 checkpoint (tensors and plain data only); a clear error for anything else."""
+    """Read a c40 checkpoint (tensors and plain data only); a clear error for anything else.
+
+    Training state is loaded to the CPU (the default): `load_state_dict` moves each tensor to its
+    module's or parameter's device, and RNG states must stay CPU ByteTensors."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
@@ -95,3 +103,47 @@ def load_weights(model: nn.Module, weights: dict, source: str = "checkpoint") ->
         detail = str(e).splitlines()[0]
         raise CheckpointError(f"{source}: weights do not fit this model "
                               f"(another arch or width?): {detail[:200]}") from None
+
+
+# ------------------------------------------------------------------ RNG, scaler, provenance
+def capture_rng(device: torch.device) -> dict:
+    """The RNG streams a run draws from: CPU torch, numpy, Python, and this run's own GPU
+    (not every visible GPU: a resume may see fewer)."""
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": np_state[1].tolist(),
+             "numpy_pos": int(np_state[2]), "python": list(random.getstate()[1])}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict, device: torch.device) -> None:
+    """`capture_rng`'s state back; a GPU stream only when this run is on a GPU too (a CPU
+    checkpoint resumed on CUDA keeps the seeded CUDA stream)."""
+    torch.set_rng_state(state["torch"].cpu())
+    np.random.set_state(("MT19937", np.asarray(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
+    random.setstate((3, tuple(state["python"]), None))
+    cuda = state.get("cuda")
+    if device.type == "cuda" and isinstance(cuda, torch.Tensor):
+        torch.cuda.set_rng_state(cuda.cpu(), device)
+
+
+def restore_scaler(scaler: torch.amp.GradScaler, state: dict | None) -> None:
+    """The saved loss scale when both runs use fp16; otherwise nothing to carry over (a run
+    without fp16 saves an empty state, and a run without fp16 now has no scale to set)."""
+    if state and scaler.is_enabled():
+        scaler.load_state_dict(state)
+
+
+@functools.lru_cache(maxsize=1)
+def provenance() -> dict:
+    """What produced a checkpoint: the c40 git commit (when run from a checkout) and versions."""
+    import c40
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=5, cwd=Path(c40.__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {"c40_commit": commit or None, "c40": c40.__version__, "torch": str(torch.__version__),
+            "numpy": np.__version__, "python": platform.python_version()}

@@ -4,7 +4,6 @@ no plotting.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
@@ -12,6 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from c40.precision import autocast
 
 
 class Mistakes(NamedTuple):
@@ -149,12 +150,6 @@ class Evaluation:
         }
 
 
-def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=amp_dtype)
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, classes, *, amp_dtype: torch.dtype | None = None,
              tta: bool = False, indices: np.ndarray | None = None) -> Evaluation:
@@ -168,7 +163,7 @@ def evaluate(model: nn.Module, loader, classes, *, amp_dtype: torch.dtype | None
     probs, losses, labels = [], [], []
     try:
         for x, y in loader:
-            with _autocast(device, amp_dtype):
+            with autocast(device, amp_dtype):
                 logits = model(x).float()
                 if tta:
                     logits = torch.stack([logits, model(x.flip(3)).float()])

@@ -21,7 +21,7 @@ from c40.data import Dataset, load_dataset, resolve_data_root
 from c40.errors import C40Error, DataError
 from c40.evaluate import Evaluation, evaluate
 from c40.loaders import LoaderSpec, TensorLoader
-from c40.train import keep_depthwise_fp32, resolve_amp, resolve_device
+from c40.precision import keep_depthwise_fp32, resolve_amp, resolve_device
 
 SIZE = 32  # the models' input side in pixels
 EXPORT_FORMATS = ("torchscript", "onnx", "weights")
@@ -37,13 +37,20 @@ def evaluate_model(model: nn.Module, state: dict, ds: Dataset, device: torch.dev
                         f"was trained on {list(trained_on)}")
     spec = LoaderSpec(1024, state["mean"], state["std"])
     with TensorLoader(ds.images, ds.labels, spec, device) as loader:
-        return evaluate(model, loader, ds.classes, amp_dtype=resolve_amp("auto", device), tta=tta)
+        return evaluate(model, loader, ds.classes, amp_dtype=run_amp(state, device), tta=tta)
+
+
+def run_amp(state: dict, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype the training run evaluated with, so the same file gives the same
+    accuracy on every host: the resolved `amp` a checkpoint records (older checkpoints: their
+    config's mode, resolved on this device)."""
+    return resolve_amp(state.get("amp") or state["config"].get("amp", "auto"), device)
 
 
 def _load(path, device: str) -> tuple[nn.Module, dict, torch.device]:
     dev = resolve_device(device)
     model, state = load_model(path, map_location="cpu")
-    keep_depthwise_fp32(model, resolve_amp("auto", dev), dev)  # the numerics fit() evaluated with
+    keep_depthwise_fp32(model, run_amp(state, dev), dev)  # the numerics fit() evaluated with
     return model.to(dev, memory_format=torch.channels_last), state, dev
 
 

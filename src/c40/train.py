@@ -1,11 +1,13 @@
 """The one training loop: `fit(cfg)` is what `c40 train`, Ray Train and Ray Tune all run.
 
-Device, AMP and memory format are decided here (never in the model). One autocast context and
-one `GradScaler(enabled=...)` serve fp32, CPU bf16 and CUDA fp16.
+Device, AMP and memory format are decided here (never in the model), through `c40.precision`.
+One autocast context and one `GradScaler(enabled=...)` serve fp32, bf16 and CUDA fp16. A training
+step never waits for the device: the augmentation plan is drawn on the host, the fp16 optimizer
+step is fused (GradScaler then reads no overflow flag), the EMA counts on the host; the loop
+reads the device once every `SYNC_EVERY` steps (NaN guard, progress).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -21,15 +23,20 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from c40.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from c40.checkpoint import (capture_rng, load_checkpoint, load_weights, provenance, restore_rng,
+                            restore_scaler, save_checkpoint)
 from c40.config import TrainConfig
 from c40.data import channel_stats, load_dataset, resolve_data_root
+from c40.ema import EMA
 from c40.errors import C40Error, CheckpointError, ConfigError, TrainingDiverged
 from c40.evaluate import evaluate
 from c40.loaders import LoaderSpec, TensorLoader, create_loader
 from c40.model import count_params, create_model
+from c40.precision import (amp_name, autocast, configure_backends, keep_depthwise_fp32,
+                           resolve_amp, resolve_device)
 
 PARAM_LIMIT = 200_000  # the assignment's limit on trainable parameters
+SYNC_EVERY = 10        # steps between the loop's host reads (NaN guard, progress bar)
 ReportFn = Callable[[dict, "Path | None"], None]
 # A resumed run continues the saved optimizer and schedule: their state would silently override
 # a changed lr/momentum/weight decay, and a changed step count crashes OneCycleLR at the end.
@@ -47,70 +54,15 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device '{name}' requested but CUDA is not available")
-    return dev
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU runs bf16 natively (AVX512-BF16 or AMX), which makes CPU bf16 autocast pay."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
-    """auto: fp16 on CUDA; bf16 on CPUs with native bf16 (AVX512-BF16/AMX), where it measured
-    1.7x faster; off elsewhere (emulated bf16 measured ~10x slower on an AVX2 CPU)."""
-    if mode == "off":
-        return None
-    if mode == "auto":
-        if device.type == "cuda":
-            return torch.float16
-        return torch.bfloat16 if cpu_has_native_bf16() else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
-
-
-class _Fp32Conv2d(nn.Conv2d):
-    """A Conv2d that runs in fp32 under autocast. Swapped in as the class of existing modules
-    (not a patched bound `forward`): deep copies such as the EMA model keep their own weights."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):
-            return super().forward(x.float())
-
-
-def keep_depthwise_fp32(model: nn.Module, amp: torch.dtype | None, device: torch.device) -> int:
-    """Under CPU bf16 autocast, run depthwise convs (groups == channels) in fp32; returns how many.
-
-    oneDNN's bf16 depthwise backward is pathological: a 96-channel 3x3 stride-2 depthwise conv at
-    8x8, batch 128, took 30.7 ms fwd+bwd in bf16 vs 1.0 ms in fp32 (27% of the strided net's whole
-    step); stride 1 is 5.9 vs 4.5 ms. Depthwise convs are a tiny share of the FLOPs, so fp32 costs
-    nothing. CUDA (cuDNN) has no such cliff: left alone there."""
-    if amp != torch.bfloat16 or device.type != "cpu":
-        return 0
-    n = 0
-    for m in model.modules():
-        if type(m) is nn.Conv2d and m.groups > 1 and m.groups == m.in_channels:
-            m.__class__ = _Fp32Conv2d
-            n += 1
-    return n
-
-
-def create_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD; weight decay only on conv/linear weights (not BatchNorm, not biases)."""
+def create_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False) -> torch.optim.Optimizer:
+    """SGD; weight decay only on conv/linear weights (not BatchNorm, not biases). `fused` for
+    fp16: GradScaler then hands the overflow flag to the kernel instead of reading it back."""
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
-                           nesterov=cfg.nesterov and cfg.momentum > 0)
+                           nesterov=cfg.nesterov and cfg.momentum > 0, fused=fused or None)
 
 
 def create_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
@@ -122,39 +74,10 @@ def create_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: 
         cycle_momentum=False)
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
-             "numpy_pos": int(np.random.get_state()[2]), "python": list(random.getstate()[1])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", np.asarray(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
-    random.setstate((3, tuple(state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under DDP (`.module`) and torch.compile (`._orig_mod`)."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
-
-
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler, autocast, label_smoothing: float):
+               scaler: torch.amp.GradScaler, amp_ctx: Callable, label_smoothing: float):
     """One optimisation step; returns (loss, correct) as device tensors (no host sync)."""
-    with autocast():
+    with amp_ctx():
         logits = model(x)
         loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
     opt.zero_grad(set_to_none=True)
@@ -164,18 +87,55 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.op
     return loss.detach(), (logits.detach().argmax(1) == y).sum()
 
 
-class _Run:
-    """State of one `fit` call that the epoch loop needs; built by `_setup`."""
+@dataclass
+class RunState:
+    """Everything one `fit` call trains with; built by `_setup`, saved by `_checkpoint_state`."""
+    cfg: TrainConfig
+    device: torch.device
+    rank: int
+    world_size: int
+    model: nn.Module                # the plain module (weights, checkpoints)
+    net: nn.Module                  # what the step calls: model, under DDP and/or torch.compile
+    ema: EMA | None
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    amp: torch.dtype | None         # the resolved autocast dtype (None: fp32)
+    train_loader: object
+    test_loader: TensorLoader | None  # rank 0 only
+    val_loader: TensorLoader | None
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    params: int
+    start_epoch: int = 0
+    step: int = 0                   # optimizer steps so far
+    history: list[dict] = field(default_factory=list)
 
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
+    def amp_ctx(self):
+        return autocast(self.device, self.amp)
+
+
+@dataclass
+class EpochStats:
+    """Running sums of an epoch, on the device; `first_bad` is the first step with a NaN/Inf loss."""
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    first_bad: torch.Tensor
+    seen: int = 0
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> "EpochStats":
+        return cls(torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device),
+                   torch.full((), -1, dtype=torch.long, device=device))
 
 
 def _setup(cfg: TrainConfig, device: torch.device, rank: int, world_size: int,
-           wrap_model: Callable[[nn.Module], nn.Module] | None, resume_from) -> _Run:
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True)
-    _seed_everything(cfg.seed)
+           wrap_model: Callable[[nn.Module], nn.Module] | None, resume_from) -> RunState:
+    configure_backends(device, cfg.deterministic)  # before the first CUDA kernel
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
     root = resolve_data_root(cfg.data)
     train = load_dataset(root, "train").subset(cfg.subset)
     test = load_dataset(root, "test").subset(cfg.test_subset)
@@ -199,37 +159,34 @@ def _setup(cfg: TrainConfig, device: torch.device, rank: int, world_size: int,
     # only rank 0 evaluates: every rank holds the same weights, and only rank 0's numbers are
     # reported (other ranks' BN buffers differ by their own last batch)
     test_spec = LoaderSpec(1024, mean, std, channels_last=cfg.channels_last)
-    test_loader = TensorLoader(test.images, test.labels, test_spec, device) if rank == 0 else None
-    val_loader = (TensorLoader(val.images, val.labels, test_spec, device)
-                  if val is not None and rank == 0 else None)
-    opt = create_optimizer(model, cfg)
-    sched = create_scheduler(opt, cfg, cfg.epochs * len(train_loader))
+    evaluates = rank == 0
     amp = resolve_amp(cfg.amp, device)
     keep_depthwise_fp32(model, amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    ema = None
-    if cfg.ema:
-        ema = torch.optim.swa_utils.AveragedModel(
-            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay),
-            use_buffers=True)
-    run = _Run(cfg=cfg, device=device, rank=rank, world_size=world_size, model=model, ema=ema,
-               opt=opt, sched=sched, scaler=scaler, amp=amp, train=train, test=test,
-               train_loader=train_loader, test_loader=test_loader, val_loader=val_loader,
-               mean=mean, std=std,
-               params=params, start_epoch=0, step=0, history=[])
+    opt = create_optimizer(model, cfg, fused=scaler.is_enabled())
+    run = RunState(
+        cfg=cfg, device=device, rank=rank, world_size=world_size, model=model, net=model,
+        ema=EMA(model, cfg.ema_decay) if cfg.ema else None, opt=opt,
+        sched=create_scheduler(opt, cfg, cfg.epochs * len(train_loader)), scaler=scaler, amp=amp,
+        train_loader=train_loader,
+        test_loader=TensorLoader(test.images, test.labels, test_spec, device) if evaluates else None,
+        val_loader=(TensorLoader(val.images, val.labels, test_spec, device)
+                    if val is not None and evaluates else None),
+        classes=tuple(train.classes), mean=tuple(map(float, mean)), std=tuple(map(float, std)),
+        params=params)
     ckpt_path = Path(resume_from) if resume_from else (Path(cfg.out) / "checkpoint.pt" if cfg.resume else None)
     if ckpt_path is not None:
         if resume_from is None and not ckpt_path.is_file():
             raise CheckpointError(f"{ckpt_path}: nothing to resume (the run stopped before its first "
                                   "epoch ended); start it again without --resume")
-        _restore(run, load_checkpoint(ckpt_path, map_location=device), ckpt_path)
+        _restore(run, load_checkpoint(ckpt_path), ckpt_path)  # to the CPU; state dicts move
     run.net = wrap_model(model) if wrap_model else model
-    if cfg.compile:
-        run.net = torch.compile(run.net)
+    if cfg.compile:  # static shapes: one graph per resolution (24 px, then 32 px)
+        run.net = torch.compile(run.net, dynamic=False)
     return run
 
 
-def _restore(run: _Run, state: dict, path: Path) -> None:
+def _restore(run: RunState, state: dict, path: Path) -> None:
     saved = state["config"]
     for key in RESUME_MUST_MATCH:
         if saved.get(key) != getattr(run.cfg, key):
@@ -239,74 +196,78 @@ def _restore(run: _Run, state: dict, path: Path) -> None:
     load_weights(run.model, state["model"], str(path))
     if run.ema is not None and state.get("ema"):
         load_weights(run.ema.module, state["ema"], str(path))
-        run.ema.n_averaged.fill_(state.get("ema_n", 1))
+        run.ema.n_averaged = int(state.get("ema_n", 1))
     run.opt.load_state_dict(state["optimizer"])
     run.sched.load_state_dict(state["scheduler"])
-    run.scaler.load_state_dict(state["scaler"])
-    _set_rng_state(state["rng"])
+    restore_scaler(run.scaler, state.get("scaler"))
+    restore_rng(state["rng"], run.device)
     run.start_epoch, run.step = state["epoch"], state["step"]
     run.history = list(state.get("history", []))
 
 
-def _checkpoint_state(run: _Run, epoch: int) -> dict:
+def _checkpoint_state(run: RunState, epoch: int) -> dict:
     return {
-        "model": _unwrap(run.model).state_dict(),
-        "ema": run.ema.module.state_dict() if run.ema is not None else None,
-        "ema_n": int(run.ema.n_averaged) if run.ema is not None else 0,
+        "model": run.model.state_dict(),
+        "ema": run.ema.state_dict() if run.ema is not None else None,
+        "ema_n": run.ema.n_averaged if run.ema is not None else 0,
         "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
-        "scaler": run.scaler.state_dict(), "rng": _rng_state(),
+        "scaler": run.scaler.state_dict(), "rng": capture_rng(run.device),
         "epoch": epoch, "step": run.step, "config": run.cfg.to_dict(),
-        "params": run.params, "classes": list(run.train.classes),
+        "amp": amp_name(run.amp), "device": run.device.type, "provenance": provenance(),
+        "params": run.params, "classes": list(run.classes),
         "mean": list(run.mean), "std": list(run.std), "history": run.history,
     }
 
 
-def train_one_epoch(run: _Run, epoch: int, progress: bool) -> dict:
+def train_batch(run: RunState, x: torch.Tensor, y: torch.Tensor, stats: EpochStats,
+                res: int | None) -> None:
+    """One batch of an epoch: resize, step, schedule, EMA, running sums. No host sync."""
+    if run.cfg.nan_at_step is not None and run.step == run.cfg.nan_at_step:
+        x = x * float("nan")  # fault injection for tests
+    if res is not None and res != x.shape[-1]:  # progressive resizing
+        x = F.interpolate(x, size=(res, res), mode="bilinear", antialias=True, align_corners=False)
+    loss, corr = train_step(run.net, x, y, run.opt, run.scaler, run.amp_ctx, run.cfg.label_smoothing)
+    bad = ~torch.isfinite(loss) & (stats.first_bad < 0)
+    stats.first_bad = torch.where(bad, torch.full_like(stats.first_bad, run.step), stats.first_bad)
+    run.sched.step()
+    if run.ema is not None:
+        run.ema.update(run.net)
+    stats.loss_sum += loss.float() * len(y)
+    stats.correct += corr
+    stats.seen += len(y)
+    run.step += 1
+
+
+def train_one_epoch(run: RunState, epoch: int, progress: bool) -> dict:
     """One pass over this rank's shard; a NaN/Inf loss raises `TrainingDiverged`."""
-    cfg, net = run.cfg, run.net
-    net.train()
+    cfg = run.cfg
+    run.net.train()
     run.train_loader.set_epoch(epoch)
-    autocast = (lambda: torch.autocast(run.device.type, dtype=run.amp)) if run.amp else contextlib.nullcontext
-    loss_sum = torch.zeros((), device=run.device)
-    correct = torch.zeros((), dtype=torch.long, device=run.device)
-    first_bad = torch.full((), -1, dtype=torch.long, device=run.device)  # first non-finite step
-    seen, t0 = 0, time.perf_counter()
-    res = cfg.low_res if epoch < int(cfg.low_res_frac * cfg.epochs) else None  # progressive resizing
+    stats, t0 = EpochStats.zeros(run.device), time.perf_counter()
+    res = cfg.low_res if epoch < int(cfg.low_res_frac * cfg.epochs) else None
+    n = len(run.train_loader)
     bar = tqdm(run.train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or not sys.stderr.isatty(),
                leave=False, dynamic_ncols=True)
     for i, (x, y) in enumerate(bar):
-        if cfg.nan_at_step is not None and run.step == cfg.nan_at_step:
-            x = x * float("nan")  # fault injection for tests
-        if res is not None and res != x.shape[-1]:
-            x = F.interpolate(x, size=(res, res), mode="bilinear", antialias=True, align_corners=False)
-        loss, corr = train_step(net, x, y, run.opt, run.scaler, autocast, cfg.label_smoothing)
-        bad = ~torch.isfinite(loss)
-        first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, run.step), first_bad)
-        run.sched.step()
-        if run.ema is not None:
-            run.ema.update_parameters(net)
-        loss_sum += loss.float() * len(y)
-        correct += corr
-        seen += len(y)
-        run.step += 1
-        if i % 10 == 0 or i == len(run.train_loader) - 1:  # the only host syncs of the loop
-            if int(first_bad) >= 0:
-                break
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
-                            img_s=f"{seen / (time.perf_counter() - t0):.0f}")
-    if int(first_bad) >= 0:
-        raise TrainingDiverged(f"loss became NaN/Inf at step {int(first_bad)} (epoch {epoch + 1}); "
-                               "try a lower --lr. The last good checkpoint is kept.")
+        train_batch(run, x, y, stats, res)
+        if (i + 1) % SYNC_EVERY == 0 or i + 1 == n:  # the loop's only host reads
+            loss, correct, first_bad = torch.stack([stats.loss_sum, stats.correct.float(),
+                                                    stats.first_bad.float()]).tolist()
+            if first_bad >= 0:
+                raise TrainingDiverged(f"loss became NaN/Inf at step {int(first_bad)} (epoch "
+                                       f"{epoch + 1}); try a lower --lr. The last good checkpoint is kept.")
+            bar.set_postfix(loss=f"{loss / stats.seen:.3f}", acc=f"{correct / stats.seen:.3f}",
+                            img_s=f"{stats.seen / (time.perf_counter() - t0):.0f}")
     seconds = time.perf_counter() - t0
-    return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
-            "images_per_s": seen * run.world_size / seconds, "train_seconds": seconds}
+    return {"train_loss": loss / stats.seen, "train_acc": correct / stats.seen,
+            "images_per_s": stats.seen * run.world_size / seconds, "train_seconds": seconds}
 
 
-def evaluate_run(run: _Run, split: str = "test"):
+def evaluate_run(run: RunState, split: str = "test"):
     """Evaluation of the EMA weights when kept, else of the live model, on test or val."""
-    model = run.ema.module if run.ema is not None else _unwrap(run.model)
+    model = run.ema.module if run.ema is not None else run.model
     loader = run.val_loader if split == "val" else run.test_loader
-    return evaluate(model, loader, run.test.classes, amp_dtype=run.amp, tta=run.cfg.tta)
+    return evaluate(model, loader, run.classes, amp_dtype=run.amp, tta=run.cfg.tta)
 
 
 def fit(cfg: TrainConfig, *, device: torch.device | str | None = None, rank: int = 0,
