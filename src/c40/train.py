@@ -197,7 +197,10 @@ def _restore(run: RunState, state: dict, path: Path) -> None:
     if run.ema is not None and state.get("ema"):
         load_weights(run.ema.module, state["ema"], str(path))
         run.ema.n_averaged = int(state.get("ema_n", 1))
+    impl = [{k: g.get(k) for k in ("fused", "foreach")} for g in run.opt.param_groups]
     run.opt.load_state_dict(state["optimizer"])
+    for group, keep in zip(run.opt.param_groups, impl):  # this run's kernels, not the saved run's
+        group.update(keep)
     run.sched.load_state_dict(state["scheduler"])
     restore_scaler(run.scaler, state.get("scaler"))
     restore_rng(state["rng"], run.device)
