@@ -42,7 +42,7 @@ def test_two_cpu_workers_leave_a_checkpoint_c40_eval_loads(two_workers, tiny_cif
     s = two_workers
     assert s["num_workers"] == 2 and s["per_worker_batch_size"] == 32 and s["epochs"] == 1
     assert 0.0 <= s["test_acc"] <= 1.0 and s["params"] < 200_000
-    assert s["resumed_from_epoch"] is None
+    assert s["resumed_from_epoch"] == 0
     ckpt = Path(s["checkpoint"])
     assert ckpt.is_file() and (ckpt.parent / "metrics.jsonl").is_file()
     proc = subprocess.run([sys.executable, "-m", "c40", "eval", "--checkpoint", str(ckpt),
@@ -57,10 +57,10 @@ def test_rank1_crash_resumes_from_last_checkpoint(ray_local, script, tiny_cifar,
                                                   monkeypatch):
     """Rank 1 exits once ~5 s after reporting epoch 1 (C40_FAIL_AT_EPOCH); the worker group
     restarts (max_failures=1), resumes from the epoch-1 checkpoint and finishes epochs 2-3."""
-    monkeypatch.setenv(script.FAIL_ENV, "1")
+    monkeypatch.setenv(script.rc.FAIL_ENV, "1")
     s = _train(script, tiny_cifar, tmp_path, "crash", "--num-workers", "2", "--epochs", "3",
                "--max-failures", "1")
-    assert (tmp_path / "storage" / "crash" / script.FAIL_MARKER).is_file()  # it did crash
+    assert (tmp_path / "storage" / "crash" / script.rc.FAIL_MARKER).is_file()  # it did crash
     assert s["resumed_from_epoch"] == 1
     assert [m["epoch"] for m in s["history"]] == [1, 2, 3]
     assert "test_acc" in s["history"][-1]

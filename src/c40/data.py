@@ -119,8 +119,16 @@ def _class_names(root: Path) -> tuple[str, ...]:
 
 
 def resolve_data_root(data: str | os.PathLike | None = None) -> Path:
-    """`--data DIR` > `$C40_DATA` > `./data/cifar-10-batches-py`; a clear error if absent."""
-    root = Path(data or os.environ.get("C40_DATA") or DEFAULT_ROOT).expanduser()
+    """`--data DIR|URI` > `$C40_DATA` > `./data/cifar-10-batches-py`; a clear error if absent.
+
+    A URI (s3://bucket/cifar-10-batches-py, gs://...) is copied once per node into a local cache
+    (c40.remote) and the cached folder is returned."""
+    location = data or os.environ.get("C40_DATA") or DEFAULT_ROOT
+    if "://" in str(location):
+        from c40.remote import fetch_dataset
+
+        return fetch_dataset(str(location))
+    root = Path(location).expanduser()
     if not root.is_dir():
         how = ("pass --data DIR, set C40_DATA, or run `c40 download` to fetch CIFAR-10 into "
                f"./{DEFAULT_ROOT.parent}")

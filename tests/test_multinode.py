@@ -1,0 +1,192 @@
+"""tune/search.py and distributed/train.py on a 3-node Ray cluster whose worker nodes do not see
+the head's disk, with storage and data in an S3 bucket (moto's server on 127.0.0.1).
+
+The head runs no work (`--num-cpus=0`). Each worker node is started inside its own mount
+namespace with a tmpfs over HEAD_ONLY, the folder that holds the drivers' working dir: like a
+second machine, it cannot see what the head writes there, so a run that keeps its storage on
+the head's disk fails Ray's storage check ("Unable to set up cluster storage") or loses files.
+Both scripts run as commands, as `ray job submit` would run them, with a fault injected: one
+trial / one training worker exits after epoch 1 and must resume from its checkpoint in the bucket.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray")
+moto_server = pytest.importorskip("moto.server")
+pafs = pytest.importorskip("pyarrow.fs")
+pytestmark = pytest.mark.ray
+
+from _ray_cluster import free_port, stop_processes  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+BUCKET = "c40-ci"
+DATA_URI = f"s3://{BUCKET}/data/cifar-10-batches-py"
+if os.geteuid() != 0 or shutil.which("unshare") is None:
+    pytest.skip("needs root and unshare(1) to give worker nodes their own mounts",
+                allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def s3(tiny_cifar):
+    """moto's S3 server with a bucket holding the tiny dataset; yields (AWS env, filesystem)."""
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=free_port())
+    server.start()
+    endpoint = "http://127.0.0.1:%d" % server.get_host_and_port()[1]
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    fs = pafs.S3FileSystem(access_key="testing", secret_key="testing", region="us-east-1",
+                           endpoint_override=endpoint, scheme="http", allow_bucket_creation=True)
+    try:
+        fs.create_dir(BUCKET)
+        pafs.copy_files(str(tiny_cifar), DATA_URI.removeprefix("s3://"),
+                        destination_filesystem=fs)
+        yield env, fs
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(s3):
+    """Head (0 CPUs) + 2 worker nodes (1 CPU each, own mounts, own dataset cache)."""
+    env_s3, _ = s3
+    root = Path(tempfile.mkdtemp(prefix="c40m-", dir="/tmp"))  # short: Ray's socket paths
+    head_only, home = root / "head_only", root / "home"
+    (head_only / "cwd").mkdir(parents=True)
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH") and not k.startswith("AWS_")}
+    env.update(env_s3, HOME=str(home), PATH=f"{BIN}{os.pathsep}{env['PATH']}",
+               RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               C40_CACHE=str(head_only / "cache"))
+    port = free_port()
+
+    def start(*extra: str, cache: Path, unshare: bool) -> subprocess.Popen:
+        ports = [f"--{name}-port={free_port()}" for name in (
+            "node-manager", "object-manager", "metrics-export", "dashboard-agent-listen",
+            "dashboard-agent-grpc", "runtime-env-agent")]
+        cmd = [str(BIN / "ray"), "start", "--block", "--disable-usage-stats", *ports, *extra]
+        if unshare:  # the node's processes live in a mount namespace where HEAD_ONLY is empty
+            cmd = ["unshare", "-m", "--propagation", "private", "bash", "-c",
+                   f"mount -t tmpfs tmpfs {head_only} && exec {' '.join(cmd)}"]
+        log = open(root / f"node-{len(procs)}.log", "w")
+        return subprocess.Popen(cmd, env={**env, "C40_CACHE": str(cache)}, stdout=log,
+                                stderr=subprocess.STDOUT)
+
+    procs: list[subprocess.Popen] = []
+    try:
+        procs.append(start("--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false",
+                           f"--temp-dir={root / 'ray'}", f"--ray-client-server-port={free_port()}",
+                           cache=head_only / "cache", unshare=False))
+        for i in range(2):
+            procs.append(start(f"--address=127.0.0.1:{port}", "--num-cpus=1",
+                               cache=root / f"cache{i}", unshare=True))
+        nodes = _wait_for_nodes(f"127.0.0.1:{port}", 3, env)
+        yield {"address": f"127.0.0.1:{port}", "env": env, "root": root, "head_only": head_only,
+               "cwd": head_only / "cwd", "home": home, **nodes}
+    finally:
+        stop_processes([p.pid for p in procs])
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _wait_for_nodes(address: str, n: int, env: dict) -> dict:
+    code = ("import json, sys, time, ray\n"
+            "ray.init(address=sys.argv[1], log_to_driver=False)\n"
+            "for _ in range(120):\n"
+            "    nodes = [x for x in ray.nodes() if x['Alive']]\n"
+            "    if len(nodes) >= int(sys.argv[2]): break\n"
+            "    time.sleep(0.5)\n"
+            "head = [x['NodeID'] for x in nodes if 'node:__internal_head__' in x['Resources']]\n"
+            "print(json.dumps({'head': head, 'workers': [x['NodeID'] for x in nodes\n"
+            "                  if x['NodeID'] not in head]}))\n")
+    p = subprocess.run([sys.executable, "-c", code, address, str(n)], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    nodes = json.loads(p.stdout.strip().splitlines()[-1])
+    assert len(nodes["head"]) == 1 and len(nodes["workers"]) == n - 1, nodes
+    return {"head_id": nodes["head"][0], "worker_ids": set(nodes["workers"])}
+
+
+def _run(cluster, script: str, *args: str) -> dict:
+    """Run a script as a driver on the head, with one fault injected after epoch 1."""
+    env = {**cluster["env"], "C40_FAIL_AT_EPOCH": "1"}
+    p = subprocess.run([sys.executable, str(ROOT / script), "--address", cluster["address"],
+                        "--cpu", "--data", DATA_URI, "--storage", f"s3://{BUCKET}/runs", "--json",
+                        "--subset", "256", "--test-subset", "128", "--batch-size", "64",
+                        "--epochs", "2", *args],
+                       cwd=cluster["cwd"], env=env, capture_output=True, text=True, timeout=400)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    assert p.returncode == 0 and lines, (p.stdout + p.stderr)[-4000:]
+    return json.loads(lines[-1])
+
+
+def _nothing_local(cluster) -> None:
+    assert not any(cluster["cwd"].iterdir())  # no runs/ folder beside the driver
+    assert not (cluster["home"] / "ray_results").exists()
+    # each worker node fetched the dataset once into its own cache; the head never needed it
+    assert not (cluster["head_only"] / "cache").exists()
+    for cache in cluster["root"].glob("cache*"):
+        assert len([d for d in (cache / "datasets").iterdir() if d.is_dir()]) == 1
+
+
+def test_search_runs_on_worker_nodes_resumes_a_killed_trial_from_s3(cluster, s3, tiny_cifar,
+                                                                    tmp_path):
+    _, fs = s3
+    t0 = time.perf_counter()
+    s = _run(cluster, "tune/search.py", "--name", "search", "--num-samples", "2",
+             "--width", "0.5", "--val-split", "64", "--cpus-per-trial", "0.5",
+             "--grace-period", "2")  # ASHA stops nobody: both trials finish 2 epochs
+    print(f"search on the cluster: {time.perf_counter() - t0:.1f} s")
+    run = f"{BUCKET}/runs/search"
+    assert (s["trials"], s["ok"], s["failed"]) == (2, 2, 0), s
+    assert s["best_checkpoint"] == f"s3://{run}/best_checkpoint.pt"
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(f"{run}/results.parquet", filesystem=fs).to_pylist()
+    assert {r["node_id"] for r in rows} <= cluster["worker_ids"]  # never the head
+    killed = next(r for r in rows if r["trial_id"].endswith("_00000"))
+    assert killed["resumed_from_epoch"] == 1 and killed["epochs"] == 2, rows
+    assert fs.get_file_info(f"{run}/.c40-fault-injected").is_file
+    for name in ("results.csv", "accuracy.png", "best_config.json"):
+        assert fs.get_file_info(f"{run}/{name}").size > 0, name
+    best = json.loads(fs.open_input_stream(f"{run}/best_config.json").read())
+    assert best["width"] == 0.5 and "data" not in best and "out" not in best
+
+    local = tmp_path / "best_checkpoint.pt"  # c40 eval reads a local file: fetch it first
+    pafs.copy_files(f"{run}/best_checkpoint.pt", str(local), source_filesystem=fs)
+    p = subprocess.run([sys.executable, "-m", "c40", "eval", "--checkpoint", str(local),
+                        "--data", str(tiny_cifar), "--json"], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["n"] == 200
+    _nothing_local(cluster)
+
+
+def test_train_spreads_two_workers_and_restores_a_killed_one_from_s3(cluster, s3):
+    _, fs = s3
+    t0 = time.perf_counter()
+    s = _run(cluster, "distributed/train.py", "--name", "train", "--num-workers", "2",
+             "--cpus-per-worker", "0.5", "--placement", "SPREAD", "--lr", "0.05")
+    print(f"Ray Train on the cluster: {time.perf_counter() - t0:.1f} s")
+    assert set(s["node_ids"]) == cluster["worker_ids"]  # one worker on each worker node
+    assert s["resumed_from_epoch"] == 1  # rank 1 died after epoch 1: restored from the bucket
+    assert [m["epoch"] for m in s["history"]] == [1, 2] and "test_acc" in s["history"][-1]
+    run = f"{BUCKET}/runs/train"
+    assert s["checkpoint"] == f"s3://{run}/checkpoint.pt"
+    assert fs.get_file_info(f"{run}/checkpoint.pt").size > 0
+    assert fs.get_file_info(f"{run}/.c40-fault-injected").is_file
+    _nothing_local(cluster)
