@@ -16,8 +16,9 @@ SHARED_DATA = Path(os.environ.get("C40_TEST_DATA", REPO.parent / "shared" / "cif
 
 @pytest.fixture(scope="session")
 def cifar_dir() -> Path:
-    if not (SHARED_DATA / "test_batch").exists():
-        pytest.skip(f"real CIFAR-10 not found at {SHARED_DATA}")
+    if not (SHARED_DATA / "test_batch").exists():  # a failure, not a skip: CI must not go green without it
+        pytest.fail(f"real CIFAR-10 not found at {SHARED_DATA} (put cifar-10-batches-py in "
+                    "../shared or set C40_TEST_DATA)")
     return SHARED_DATA
 
 

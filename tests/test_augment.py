@@ -6,7 +6,6 @@ probability or hole size in either path fails them.
 """
 from __future__ import annotations
 
-import os
 import random
 
 import numpy as np
@@ -19,18 +18,15 @@ from c40.data import channel_stats, load_cifar10
 
 stats = pytest.importorskip("scipy.stats")
 
-DATA = os.environ.get("C40_TEST_DATA", "/work/shared/cifar-10-batches-py")
 # SPEC item 8 / the reference ShiftScaleRotate, written out so a changed constant in augment.py fails
 SHIFT, SCALE, ROTATE, HOLE = 0.1, 0.1, 15.0, 16  # fraction of size, relative, degrees, pixels
 N_DRAWS = 4000  # samples per distribution: rates are then known to +-0.008 (1 sigma)
 
 
 @pytest.fixture(scope="module")
-def real():
+def real(cifar_dir):
     """64 real test images (uint8 NHWC) and the dataset-mean colour of the first 1000."""
-    if not os.path.isdir(DATA):
-        pytest.skip(f"CIFAR-10 not found at {DATA} (set C40_TEST_DATA)")
-    ds = load_cifar10(DATA, "test")
+    ds = load_cifar10(cifar_dir, "test")
     mean, std = channel_stats(ds.images[:1000])
     return ds.images[:64], mean, std
 

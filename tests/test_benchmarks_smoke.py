@@ -8,16 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = os.environ.get("C40_TEST_DATA", "/work/shared/cifar-10-batches-py")
 
 
 @pytest.fixture(scope="module")
-def data_dir() -> str:
-    if not os.path.isdir(DATA):
-        pytest.skip(f"CIFAR-10 not found at {DATA} (set C40_TEST_DATA)")
-    return DATA
+def data_dir(cifar_dir) -> str:
+    return str(cifar_dir)
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -146,3 +144,32 @@ def test_time_to_accuracy_reference_keeps_its_source(tmp_path):
     assert tta._reference_from(str(g), here)["reference-seed0"]["source"] == str(f)
     with pytest.raises(RuntimeError, match="another machine"):
         tta._reference_from(str(g), {**here, "cpu_count": 16})
+
+
+# ------------------------------------------------------------------------ gpu_check.py
+@pytest.mark.ray
+@pytest.mark.slow
+def test_gpu_check_dry_run_runs_every_step_on_cpu(data_dir, tmp_path):
+    """The one-command GPU check, rehearsed on the CPU at tiny sizes so it cannot rot."""
+    out = tmp_path / "dry.json"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run",
+                        "--data", data_dir, "--out", str(out)], capture_output=True, text=True,
+                       timeout=900, cwd=ROOT, env={**os.environ, "HOME": str(tmp_path)})
+    res = json.loads(out.read_text())
+    failed = {k: s.get("error") for k, s in res["steps"].items() if not s["ok"]}
+    assert p.returncode == 0 and not failed, (failed, p.stderr[-2000:])
+    steps = res["steps"]
+    assert set(steps) == {"pytest_cuda", "fit_amp", "resume_determinism", "loaders", "compile",
+                          "loader_benchmark", "train_step_benchmark", "fast_recipe",
+                          "ray_train_fault", "tune_search"}
+    assert steps["resume_determinism"]["deterministic_runs_identical"]
+    assert steps["resume_determinism"]["resumed_identical_to_uninterrupted"]
+    assert steps["ray_train_fault"]["resumed_from_epoch"] == 1
+    assert res["dry_run"] and res["machine"]["device_name"] == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the check would run")
+def test_gpu_check_refuses_to_run_without_a_gpu(tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--out",
+                        str(tmp_path / "x.json")], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert p.returncode == 2 and "--dry-run" in p.stderr and not (tmp_path / "x.json").exists()

@@ -21,7 +21,6 @@ from c40.cpu_loader import AlbumentationsLoader, WorkerError
 from c40.data import channel_stats, load_cifar10
 from c40.loaders import LoaderSpec, TensorLoader
 
-DATA = os.environ.get("C40_TEST_DATA", "/work/shared/cifar-10-batches-py")
 N, B = 600, 64  # 600 = 9 full batches of 64 + 24
 
 
@@ -35,10 +34,8 @@ def _one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def real():
-    if not os.path.isdir(DATA):
-        pytest.skip(f"CIFAR-10 not found at {DATA} (set C40_TEST_DATA)")
-    ds = load_cifar10(DATA, "test")
+def real(cifar_dir):
+    ds = load_cifar10(cifar_dir, "test")
     return ds.images[:N], ds.labels[:N]
 
 
