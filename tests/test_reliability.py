@@ -230,14 +230,14 @@ def test_huge_lr_through_the_cli_names_the_step_and_writes_nothing(tiny_cifar, t
 
 
 def test_nan_in_a_later_epoch_keeps_the_last_good_checkpoint(tiny_cifar, tmp_path):
-    """The CLI's own `main`, with the hidden `nan_at_step` hook set (no flag exposes it)."""
+    """The CLI's own `main` in a real process, its step 20's batch made NaN (15 steps per epoch:
+    step 20 is in epoch 2)."""
     out = tmp_path / "run"
     script = textwrap.dedent("""
-        import dataclasses, sys
-        from c40 import cli, config
-        real = config.config_from_args
-        config.config_from_args = lambda a, cls=config.TrainConfig: dataclasses.replace(
-            real(a, cls), nan_at_step=20)  # 15 steps per epoch: step 20 is in epoch 2
+        import itertools, sys
+        from c40 import cli, train
+        real, calls = train.train_step, itertools.count()
+        train.train_step = lambda m, x, *a: real(m, x * float("nan") if next(calls) == 20 else x, *a)
         sys.exit(cli.main(sys.argv[1:]))
     """)
     r = subprocess.run([sys.executable, "-c", script, *train_args(tiny_cifar, out, "--epochs", "3")],

@@ -67,8 +67,22 @@ def test_existing_run_needs_resume(tiny_cifar, tmp_path):
         fit(tiny_cfg(tiny_cifar, tmp_path, epochs=1), progress=False)
 
 
-def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tiny_cifar, tmp_path):
-    cfg = tiny_cfg(tiny_cifar, tmp_path, epochs=3, subset=640, nan_at_step=13)  # epoch 2
+def poison_step(monkeypatch, at: int) -> None:
+    """Fault injection: the batch of optimizer step `at` (0-based) becomes NaN."""
+    import itertools
+
+    import c40.train
+
+    real, calls = c40.train.train_step, itertools.count()
+
+    def poisoned(model, x, *args, **kwargs):
+        return real(model, x * float("nan") if next(calls) == at else x, *args, **kwargs)
+    monkeypatch.setattr(c40.train, "train_step", poisoned)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tiny_cifar, tmp_path, monkeypatch):
+    cfg = tiny_cfg(tiny_cifar, tmp_path, epochs=3, subset=640)  # 10 steps per epoch
+    poison_step(monkeypatch, 13)  # epoch 2
     with pytest.raises(TrainingDiverged, match="step 13"):
         fit(cfg, progress=False)
     state = load_checkpoint(tmp_path / "checkpoint.pt")

@@ -1,77 +1,93 @@
-"""The training configuration: one validated dataclass, recipes, and CLI flags derived from it."""
+"""The training configuration: one validated dataclass, its recipes, and CLI flags derived from it.
+
+`TrainConfig()` is the default (`fast`) recipe. `TrainConfig.from_recipe(name, **overrides)` is
+the one place recipes are resolved: dataclass defaults < recipe < the recipe's GPU values (when
+the run's device is CUDA) < a `--config` file < explicit flags/overrides. A resolved config is
+what checkpoints save and what Ray sends to its workers (`TrainConfig(**d)` refuses unknown keys).
+"""
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from c40.errors import ConfigError
 
-# Recipes override the dataclass defaults; explicit CLI flags override recipes.
+# What each recipe changes from the defaults (= `fast`). "cuda": values used instead when the
+# run's device is a GPU. On a GPU the 32-MFLOP net at batch 128 is launch-bound (tiny kernels),
+# so GPU recipes take 4x larger batches with the learning rate scaled by sqrt(4).
 RECIPES: dict[str, dict] = {
     # the default: >= 85% as fast as we can on a CPU. On this project's 2-core AVX512-BF16 CPU
-    # (bf16 autocast): 10 epochs gave 85.6% in 206 s; 11 (the first 6 at 24 px, 0.56x FLOPs)
-    # keep margin over the 3-seed bar and over 300 s on a slow day of the host
-    # (benchmarks/results/time_to_accuracy.json).
-    "fast": dict(arch="strided", epochs=11, batch_size=128, lr=0.2, label_smoothing=0.2,
-                 aug_p=0.3, low_res=24, low_res_frac=0.55, eval_every=0),
-    # the most accuracy we can buy in well under 60 min on a 2-core bf16 CPU (~40 min there):
+    # (bf16 autocast): 11 epochs (the first 6 at 24 px, 0.56x FLOPs) gave 85.86% mean of 3 seeds
+    # in 216 s (benchmarks/results/time_to_accuracy.json).
+    "fast": dict(cuda=dict(batch_size=512, lr=0.4)),
+    # the most accuracy we can buy in well under 60 min on a 2-core bf16 CPU (~44 min there):
     # long schedule, stronger augmentation, EMA of the weights; 40% of the epochs at 24 px.
-    "best": dict(arch="strided", epochs=120, batch_size=128, lr=0.2, label_smoothing=0.1,
-                 aug_p=0.5, low_res=24, low_res_frac=0.4, ema=True, ema_decay=0.999,
-                 eval_every=10),
+    "best": dict(epochs=120, label_smoothing=0.1, aug_p=0.5, low_res_frac=0.4, ema=True,
+                 ema_decay=0.999, eval_every=10, cuda=dict(batch_size=512, lr=0.4)),
     # the dilated arch (no stride, no pooling; its unpadded convs need >= 28 px, so no low-res
     # epochs), aiming at >= 85% within 30 min on a 2-core CPU.
-    "dilated": dict(arch="dilated", epochs=20, batch_size=128, lr=0.2, label_smoothing=0.2,
-                    aug_p=0.3, eval_every=0),
-    # the assignment's reference: SGD 0.1 momentum 0.9, no schedule, 45 epochs.
-    "reference": dict(arch="strided", epochs=45, batch_size=128, lr=0.1, schedule="constant",
-                      nesterov=False, weight_decay=0.0, label_smoothing=0.0, dropout=0.1,
-                      loader="albumentations", amp="off", channels_last=False, tta=False),
+    "dilated": dict(arch="dilated", epochs=20, low_res=32, low_res_frac=0.0,
+                    cuda=dict(batch_size=512, lr=0.4)),
+    # the assignment's reference: SGD 0.1 momentum 0.9, no schedule, 45 epochs, as it was written
+    # (per-sample albumentations, fp32 NCHW, test every epoch); the same on every device.
+    "reference": dict(epochs=45, lr=0.1, schedule="constant", nesterov=False, weight_decay=0.0,
+                      label_smoothing=0.0, dropout=0.1, loader="albumentations", amp="off",
+                      channels_last=False, tta=False, aug_p=0.5, low_res=32, low_res_frac=0.0,
+                      eval_every=1),
 }
+
+
+def _f(default, help: str):
+    """A field with its flag's help text."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TrainConfig:
     """Everything a training run depends on; saved inside every checkpoint."""
 
-    recipe: str = "fast"          # fast | best | dilated | reference: fills the fields not given
-    arch: str = "strided"         # model name in the c40.model registry
-    width: float = 1.0            # channel multiplier (params must stay < 200k)
-    dropout: float = 0.0          # dropout probability after each block and before the head
-    epochs: int = 10              # passes over the training set
-    batch_size: int = 256         # images per optimizer step (global across workers)
-    lr: float = 0.4               # peak learning rate of the schedule
-    schedule: str = "onecycle"    # onecycle | constant
-    warmup: float = 0.2           # fraction of steps spent warming up (onecycle)
-    momentum: float = 0.9         # SGD momentum
-    nesterov: bool = True         # Nesterov momentum
-    weight_decay: float = 5e-4    # L2 on conv/linear weights (not BN, not biases)
-    label_smoothing: float = 0.2  # cross-entropy label smoothing
-    ema: bool = False             # evaluate an exponential moving average of the weights
-    ema_decay: float = 0.99       # per-step EMA decay
-    loader: str = "auto"          # albumentations | tensor | auto (tensor: measured faster)
-    workers: int = 2              # worker processes of the albumentations loader
-    aug_p: float = 0.5            # probability of the shift-scale-rotate and of the cutout
-    flip_p: float = 0.5           # probability of the horizontal flip
-    low_res: int = 32             # progressive resizing: training resolution (pixels) of the
-    low_res_frac: float = 0.0     # ... first low_res_frac x epochs (rounded down), then 32
-    amp: str = "auto"             # auto | bf16 | fp16 | off (auto: fp16 on CUDA, bf16 on CPUs
-                                  # with native bf16, else off)
-    channels_last: bool = True    # NHWC memory format for the model and batches
-    compile: bool = False         # torch.compile the model
-    tta: bool = True              # horizontal-flip test-time augmentation at evaluation
-    subset: int | None = None     # use only the first N training images
-    test_subset: int | None = None  # use only the first N test images
-    val_split: int = 0            # hold out N training images, evaluated every epoch (0: none)
-    eval_every: int = 1           # test every N epochs and at the end (0: only at the end)
-    seed: int = 0                 # seeds model init, augmentation and shuffling
-    device: str = "auto"          # auto | cpu | cuda | cuda:N
-    data: str | None = None       # cifar-10-batches-py folder (default: $C40_DATA or ./data/...)
-    out: str = "runs/c40"         # output folder: checkpoint.pt, metrics.jsonl, config.json
-    resume: bool = False          # continue from OUT/checkpoint.pt
-    deterministic: bool = False   # torch deterministic algorithms (bit-identical CPU resume)
-    nan_at_step: int | None = field(default=None, metadata={"hidden": True})  # test hook
+    recipe: str = _f("fast", "fast | best | dilated | reference: fills the fields not given")
+    arch: str = _f("strided", "model name in the c40.model registry")
+    width: float = _f(1.0, "channel multiplier (params must stay < 200k)")
+    dropout: float = _f(0.0, "dropout probability after each block and before the head")
+    epochs: int = _f(11, "passes over the training set")
+    batch_size: int = _f(128, "images per optimizer step (global across workers)")
+    lr: float = _f(0.2, "peak learning rate of the schedule")
+    schedule: str = _f("onecycle", "onecycle | constant")
+    warmup: float = _f(0.2, "fraction of steps spent warming up (onecycle)")
+    momentum: float = _f(0.9, "SGD momentum")
+    nesterov: bool = _f(True, "Nesterov momentum")
+    weight_decay: float = _f(5e-4, "L2 on conv/linear weights (not BN, not biases)")
+    label_smoothing: float = _f(0.2, "cross-entropy label smoothing")
+    ema: bool = _f(False, "evaluate an exponential moving average of the weights")
+    ema_decay: float = _f(0.99, "per-step EMA decay")
+    loader: str = _f("auto", "albumentations | tensor | auto (tensor: measured faster)")
+    workers: int = _f(2, "worker processes of the albumentations loader")
+    aug_p: float = _f(0.3, "probability of the shift-scale-rotate and of the cutout")
+    flip_p: float = _f(0.5, "probability of the horizontal flip")
+    low_res: int = _f(24, "progressive resizing: training resolution (pixels) of the first "
+                          "low_res_frac x epochs (rounded down), then 32")
+    low_res_frac: float = _f(0.55, "fraction of the epochs trained at low_res")
+    amp: str = _f("auto", "auto | bf16 | fp16 | off (auto: bf16 on GPUs and CPUs with native "
+                          "bf16, fp16 + GradScaler on older GPUs, else off)")
+    channels_last: bool = _f(True, "NHWC memory format for the model and batches")
+    compile: bool = _f(False, "torch.compile the model (static shapes: one graph per resolution)")
+    tta: bool = _f(True, "horizontal-flip test-time augmentation at evaluation")
+    subset: int | None = _f(None, "use only the first N training images")
+    test_subset: int | None = _f(None, "use only the first N test images")
+    val_split: int = _f(0, "hold out N training images, evaluated every epoch (0: none)")
+    eval_every: int = _f(0, "test every N epochs and at the end (0: only at the end)")
+    seed: int = _f(0, "seeds model init, augmentation and shuffling")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    data: str | None = _f(None, "cifar-10-batches-py folder or image folder, a path or URI "
+                                "(default: $C40_DATA or ./data/cifar-10-batches-py)")
+    out: str = _f("runs/c40", "output folder: checkpoint.pt, metrics.jsonl")
+    resume: bool = _f(False, "continue from OUT/checkpoint.pt")
+    deterministic: bool = _f(False, "deterministic algorithms (bit-identical resume; on CUDA "
+                                    "sets CUBLAS_WORKSPACE_CONFIG and turns cuDNN autotuning off)")
 
     def __post_init__(self) -> None:
         from c40.model import list_models
@@ -110,56 +126,59 @@ class TrainConfig:
 
     @classmethod
     def from_recipe(cls, recipe: str = "fast", **overrides) -> "TrainConfig":
-        """Dataclass defaults < recipe values < explicit overrides."""
+        """Dataclass defaults < recipe < its "cuda" values on a GPU < explicit overrides."""
+        from c40.precision import resolve_device
+
         if recipe not in RECIPES:
             raise ConfigError(f"unknown recipe '{recipe}' (choose from {', '.join(RECIPES)})")
-        return cls(**{**RECIPES[recipe], **overrides, "recipe": recipe})
+        values = dict(RECIPES[recipe])
+        gpu = values.pop("cuda", {})
+        if resolve_device(overrides.get("device", values.get("device", "auto"))).type == "cuda":
+            values.update(gpu)
+        return cls(**{**values, **overrides, "recipe": recipe})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def _field_comments(cls) -> dict[str, str]:
-    """The `# ...` comment after each field in the class source: the flag's help text."""
-    import inspect
-    import re
-
-    helps: dict[str, str] = {}
-    last = None
-    for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s{4}(\w+): [^=]+=.*?#\s*(.*)$", line)
-        if m:
-            last = m.group(1)
-            helps[last] = m.group(2)
-        elif last and re.match(r"\s+#\s*(.*)$", line):  # a continued comment
-            helps[last] += " " + line.strip().lstrip("#").strip()
-        else:
-            last = None
-    return helps
+def read_config_file(path: str) -> dict:
+    """The fields of a `--config` JSON file (e.g. a search's best_config.json)."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"--config {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--config {path}: not JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"--config {path}: expected a JSON object of TrainConfig fields")
+    unknown = sorted(set(d) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown field(s) {', '.join(unknown)}")
+    return d
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
-    """One `--flag` per dataclass field; unset flags stay None so recipes can fill them."""
-    helps = _field_comments(cls)
+    """`--config FILE` and one `--flag` per dataclass field; unset flags stay None so the file
+    and the recipe can fill them."""
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="JSON of TrainConfig fields (e.g. a search's best_config.json); "
+                             "flags override it")
     for f in fields(cls):
-        if f.metadata.get("hidden"):
-            continue
         flag = "--" + f.name.replace("_", "-")
-        default_type = type(f.default) if f.default is not None else None
-        if f.type in ("bool",) or default_type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=helps.get(f.name))
+        help_ = f.metadata.get("help")
+        if type(f.default) is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
             continue
         kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
-        if default_type in (int, float):
-            kind = default_type
-        parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper(),
-                            help=helps.get(f.name))
+        if type(f.default) in (int, float):
+            kind = type(f.default)
+        parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=help_)
 
 
 def config_from_args(args: argparse.Namespace, cls=TrainConfig) -> TrainConfig:
-    """The explicitly given flags, applied over the chosen recipe."""
-    given = {f.name: getattr(args, f.name) for f in fields(cls)
-             if not f.metadata.get("hidden") and getattr(args, f.name, None) is not None}
-    recipe = given.pop("recipe", "fast")
-    return cls.from_recipe(recipe, **given)
+    """The explicitly given flags over the `--config` file over the chosen recipe."""
+    from_file = read_config_file(args.config) if getattr(args, "config", None) else {}
+    given = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+    merged = {**from_file, **given}
+    recipe = merged.pop("recipe", "fast")
+    return cls.from_recipe(recipe, **merged)

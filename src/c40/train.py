@@ -225,8 +225,6 @@ def _checkpoint_state(run: RunState, epoch: int) -> dict:
 def train_batch(run: RunState, x: torch.Tensor, y: torch.Tensor, stats: EpochStats,
                 res: int | None) -> None:
     """One batch of an epoch: resize, step, schedule, EMA, running sums. No host sync."""
-    if run.cfg.nan_at_step is not None and run.step == run.cfg.nan_at_step:
-        x = x * float("nan")  # fault injection for tests
     if res is not None and res != x.shape[-1]:  # progressive resizing
         x = F.interpolate(x, size=(res, res), mode="bilinear", antialias=True, align_corners=False)
     loss, corr = train_step(run.net, x, y, run.opt, run.scaler, run.amp_ctx, run.cfg.label_smoothing)

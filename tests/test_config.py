@@ -1,0 +1,57 @@
+"""One source for each rule: TrainConfig() is the fast recipe, recipes resolve in one place (GPU
+values on CUDA), a --config file sits between the recipe and the flags, help lives in fields."""
+import argparse
+import json
+
+import pytest
+import torch
+
+from c40.config import RECIPES, TrainConfig, add_config_flags, config_from_args
+from c40.errors import ConfigError
+
+
+def parse(*argv):
+    p = argparse.ArgumentParser()
+    add_config_flags(p)
+    return config_from_args(p.parse_args(list(argv)))
+
+
+def test_the_defaults_are_the_fast_recipe():
+    assert TrainConfig(device="cpu") == TrainConfig.from_recipe("fast", device="cpu")
+
+
+def test_gpu_values_apply_only_on_cuda(monkeypatch):
+    cpu = TrainConfig.from_recipe("best", device="cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu = TrainConfig.from_recipe("best", device="cuda")
+    assert (cpu.batch_size, cpu.lr) == (128, 0.2)
+    assert (gpu.batch_size, gpu.lr) == (RECIPES["best"]["cuda"]["batch_size"], RECIPES["best"]["cuda"]["lr"])
+    assert gpu.epochs == cpu.epochs == 120
+    assert TrainConfig.from_recipe("best", device="cuda", lr=0.1).lr == 0.1  # overrides win
+    assert TrainConfig.from_recipe("reference", device="cuda").batch_size == 128  # the same everywhere
+
+
+def test_config_file_between_recipe_and_flags(tmp_path):
+    f = tmp_path / "best_config.json"
+    f.write_text(json.dumps({"recipe": "best", "lr": 0.3, "dropout": 0.1, "epochs": 7}))
+    cfg = parse("--config", str(f), "--epochs", "3", "--device", "cpu")
+    assert (cfg.recipe, cfg.lr, cfg.dropout, cfg.epochs, cfg.ema) == ("best", 0.3, 0.1, 3, True)
+
+
+@pytest.mark.parametrize("content,message", [(None, "No such file"), ("{", "not JSON"),
+                                             ('{"lr": 0.1, "lrr": 2}', "unknown field(s) lrr"),
+                                             ("[1]", "expected a JSON object")])
+def test_bad_config_file_is_one_line(tmp_path, content, message):
+    f = tmp_path / "c.json"
+    if content is not None:
+        f.write_text(content)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
+        parse("--config", str(f))
+    assert "\n" not in str(e.value)
+
+
+def test_every_flag_has_help():
+    p = argparse.ArgumentParser()
+    add_config_flags(p)
+    missing = [a.dest for a in p._actions if a.dest != "help" and not a.help]
+    assert missing == []
