@@ -75,7 +75,7 @@ def cluster(s3):
                C40_CACHE=str(head_only / "cache"))
     port = free_port()
 
-    def start(*extra: str, cache: Path, unshare: bool) -> subprocess.Popen:
+    def start(*extra: str, cache: Path, unshare: bool) -> None:
         ports = [f"--{name}-port={free_port()}" for name in (
             "node-manager", "object-manager", "metrics-export", "dashboard-agent-listen",
             "dashboard-agent-grpc", "runtime-env-agent")]
@@ -83,19 +83,29 @@ def cluster(s3):
         if unshare:  # the node's processes live in a mount namespace where HEAD_ONLY is empty
             cmd = ["unshare", "-m", "--propagation", "private", "bash", "-c",
                    f"mount -t tmpfs tmpfs {head_only} && exec {' '.join(cmd)}"]
-        log = open(root / f"node-{len(procs)}.log", "w")
-        return subprocess.Popen(cmd, env={**env, "C40_CACHE": str(cache)}, stdout=log,
-                                stderr=subprocess.STDOUT)
+        log = root / f"node-{len(procs)}.log"
+        with open(log, "w") as out:
+            # one node at a time, with time to spare: on 2 busy cores, raylets started together
+            # missed Ray's registration timeout
+            procs.append(subprocess.Popen(cmd, env={**env, "C40_CACHE": str(cache),
+                                                    "RAY_raylet_start_wait_time_s": "120"},
+                                          stdout=out, stderr=subprocess.STDOUT))
+        for _ in range(240):
+            if "Ray runtime started" in log.read_text():
+                return
+            assert procs[-1].poll() is None, log.read_text()[-3000:]
+            time.sleep(0.5)
+        raise AssertionError(f"node did not start in 120 s: {log.read_text()[-3000:]}")
 
     procs: list[subprocess.Popen] = []
     try:
-        procs.append(start("--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false",
-                           f"--temp-dir={root / 'ray'}", f"--ray-client-server-port={free_port()}",
-                           cache=head_only / "cache", unshare=False))
+        start("--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false",
+              f"--temp-dir={root / 'ray'}", f"--ray-client-server-port={free_port()}",
+              cache=head_only / "cache", unshare=False)
         for i in range(2):
-            procs.append(start(f"--address=127.0.0.1:{port}", "--num-cpus=1",
-                               cache=root / f"cache{i}", unshare=True))
-        nodes = _wait_for_nodes(f"127.0.0.1:{port}", 3, env)
+            start(f"--address=127.0.0.1:{port}", "--num-cpus=1", cache=root / f"cache{i}",
+                  unshare=True)
+        nodes = _wait_for_nodes(f"127.0.0.1:{port}", 3, env, root)
         yield {"address": f"127.0.0.1:{port}", "env": env, "root": root, "head_only": head_only,
                "cwd": head_only / "cwd", "home": home, **nodes}
     finally:
@@ -103,7 +113,7 @@ def cluster(s3):
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _wait_for_nodes(address: str, n: int, env: dict) -> dict:
+def _wait_for_nodes(address: str, n: int, env: dict, log_dir: Path) -> dict:
     code = ("import json, sys, time, ray\n"
             "ray.init(address=sys.argv[1], log_to_driver=False)\n"
             "for _ in range(120):\n"
@@ -111,13 +121,15 @@ def _wait_for_nodes(address: str, n: int, env: dict) -> dict:
             "    if len(nodes) >= int(sys.argv[2]): break\n"
             "    time.sleep(0.5)\n"
             "head = [x['NodeID'] for x in nodes if 'node:__internal_head__' in x['Resources']]\n"
-            "print(json.dumps({'head': head, 'workers': [x['NodeID'] for x in nodes\n"
-            "                  if x['NodeID'] not in head]}))\n")
+            "print('NODES ' + json.dumps({'head': head, 'workers': [x['NodeID'] for x in nodes\n"
+            "                             if x['NodeID'] not in head]}), flush=True)\n")
     p = subprocess.run([sys.executable, "-c", code, address, str(n)], env=env, capture_output=True,
                        text=True, timeout=120)
-    assert p.returncode == 0, p.stderr[-2000:]
-    nodes = json.loads(p.stdout.strip().splitlines()[-1])
-    assert len(nodes["head"]) == 1 and len(nodes["workers"]) == n - 1, nodes
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("NODES ")]
+    assert p.returncode == 0 and lines, (p.stdout + p.stderr)[-2000:]
+    nodes = json.loads(lines[-1][len("NODES "):])
+    logs = "".join(f.read_text()[-1500:] for f in sorted(log_dir.glob("node-*.log")))
+    assert len(nodes["head"]) == 1 and len(nodes["workers"]) == n - 1, (nodes, logs)
     return {"head_id": nodes["head"][0], "worker_ids": set(nodes["workers"])}
 
 

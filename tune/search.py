@@ -211,7 +211,8 @@ def _plot(table, dest: str) -> None:
         for ax, key in zip(axes, ("dropout", "lr")):
             ax.scatter(pts[key], pts.val_acc, marker=marker, label=f"{status} ({len(pts)})")
     axes[0].set(xlabel="dropout", ylabel="validation accuracy (last epoch)")
-    axes[1].set(xlabel="learning rate", xscale="log")
+    plotted = table[table.status.isin(("ok", "stopped")) & table.val_acc.notna()]
+    axes[1].set(xlabel="learning rate", xscale="log" if len(plotted) else "linear")  # log of nothing fails
     axes[0].legend(loc="best")
     fig.suptitle("c40 Ray Tune search (rejected and failed trials not shown)")
     fig.tight_layout()
