@@ -22,15 +22,15 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("ray")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 pafs = pytest.importorskip("pyarrow.fs")
 pytestmark = pytest.mark.ray
 
 from _ray_cluster import free_port, stop_processes  # noqa: E402
+from _s3 import BUCKET, s3_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-BUCKET = "c40-ci"
 DATA_URI = f"s3://{BUCKET}/data/cifar-10-batches-py"
 if os.geteuid() != 0 or shutil.which("unshare") is None:
     pytest.skip("needs root and unshare(1) to give worker nodes their own mounts",
@@ -40,24 +40,9 @@ if os.geteuid() != 0 or shutil.which("unshare") is None:
 @pytest.fixture(scope="module")
 def s3(tiny_cifar):
     """moto's S3 server with a bucket holding the tiny dataset; yields (AWS env, filesystem)."""
-    import logging
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=free_port())
-    server.start()
-    endpoint = "http://127.0.0.1:%d" % server.get_host_and_port()[1]
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    fs = pafs.S3FileSystem(access_key="testing", secret_key="testing", region="us-east-1",
-                           endpoint_override=endpoint, scheme="http", allow_bucket_creation=True)
-    try:
-        fs.create_dir(BUCKET)
-        pafs.copy_files(str(tiny_cifar), DATA_URI.removeprefix("s3://"),
-                        destination_filesystem=fs)
+    with s3_server() as (env, fs):
+        pafs.copy_files(str(tiny_cifar), DATA_URI.removeprefix("s3://"), destination_filesystem=fs)
         yield env, fs
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
