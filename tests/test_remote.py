@@ -113,6 +113,14 @@ def test_scripts_check_storage_and_data_locations(script, aws, tiny_cifar, monke
     with pytest.raises(SystemExit):  # a partial/missing dataset fails on the driver, in one line
         mod.parse_args([*base, "--data", f"s3://{BUCKET}/nothing-here"])
     assert "no such dataset" in capsys.readouterr().err
+    with aws.open_output_stream(f"{BUCKET}/best_config.json") as f:  # --config by URI too
+        f.write(b'{"width": 0.75, "dropout": 0.05}')
+    _, cfg = mod.parse_args([*base, "--config", f"s3://{BUCKET}/best_config.json", "--dropout",
+                             "0.2", "--data", str(tiny_cifar)])
+    assert (cfg.width, cfg.dropout) == (0.75, 0.2)  # flags override the file
+    with pytest.raises(SystemExit):
+        mod.parse_args([*base, "--config", f"s3://{BUCKET}/none.json", "--data", str(tiny_cifar)])
+    assert "--config s3://" in capsys.readouterr().err
     monkeypatch.setattr(mod.rc, "IN_RAY_JOB", True)  # the job's cwd is a temp copy: refuse
     with pytest.raises(SystemExit):
         mod.parse_args([*base, "--storage", "runs/x", "--data", str(tiny_cifar)])

@@ -43,8 +43,8 @@ from ray import tune
 search = load_script("tune/search.py")
 ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
 args, base = search.parse_args(json.loads(sys.argv[2]))
-space = {"width": tune.grid_search([0.5, 2.0, 0.375]), "dropout": 0.1, "lr": 0.1,
-         "nan_at_step": tune.sample_from(lambda spec: 0 if spec.config["width"] == 0.375 else None)}
+space = {"width": tune.grid_search([0.5, 2.0, 0.375]), "dropout": 0.1,
+         "lr": tune.sample_from(lambda spec: 1e12 if spec.config["width"] == 0.375 else 0.1)}
 print("SUMMARY " + json.dumps(search.search(args, base, param_space=space)), flush=True)
 """
 
@@ -52,7 +52,8 @@ print("SUMMARY " + json.dumps(search.search(args, base, param_space=space)), flu
 def test_search_rejects_over_limit_configs_and_survives_a_failing_trial(search, tiny_cifar,
                                                                         tmp_path):
     """Three trials: a legal width (trains), width 2.0 (732k params: rejected before training)
-    and a legal one whose loss is NaN at step 0 (fit raises: failed). The search finishes."""
+    and a legal one at lr 1e12, whose loss turns NaN at once (fit raises: failed). The search
+    finishes."""
     argv = [*TINY, "--data", str(tiny_cifar), "--num-samples", "1",  # x 3 grid points
             "--storage", str(tmp_path), "--name", "t"]
     home = tmp_path / "home"  # Ray writes ~/.ray/auth_token: never the user's
@@ -65,6 +66,7 @@ def test_search_rejects_over_limit_configs_and_survives_a_failing_trial(search, 
     s = json.loads(lines[-1][len("SUMMARY "):])
     assert (s["trials"], s["ok"], s["rejected"], s["failed"]) == (3, 1, 1, 1), s
     assert s["best_config"]["width"] == 0.5 and s["dropout"] == 0.1 and s["lr"] == 0.1
+    assert "nan_at_step" not in json.loads(Path(s["best_config_json"]).read_text())
     assert 0.0 <= s["val_acc"] <= 1.0 and 0.0 <= s["test_acc"] <= 1.0
 
     import pyarrow.csv as pacsv

@@ -43,7 +43,7 @@ from c40.errors import C40Error  # noqa: E402
 
 SEARCHED = ("dropout", "lr", "width", "label_smoothing")
 # left out of best_config.json: where a run happens and the slice of data the search used
-NOT_RETRAINED = ("out", "resume", "device", "data", "subset", "test_subset", "val_split", "nan_at_step")
+NOT_RETRAINED = ("out", "resume", "device", "data", "subset", "test_subset", "val_split")
 METRICS = ("rejected", "params", "epoch", "val_acc", "test_acc", "train_loss",
            "resumed_from_epoch", "node_id")
 
