@@ -111,13 +111,18 @@ def test_validation_split_reports_val_metrics(tiny_cifar, tmp_path):
     assert {"val_acc", "val_loss", "test_acc"} <= set(res.history[-1])
 
 
-@pytest.mark.parametrize("recipe", ["fast", "best", "dilated", "reference"])
-def test_every_recipe_trains_on_a_tiny_subset(recipe, tiny_cifar, tmp_path):
+@pytest.mark.parametrize("recipe,extra", [("fast", {}), ("best", {}), ("dilated", {}),
+                                          ("reference", {}), ("fast", {"amp": "bf16"})],
+                         ids=["fast", "best", "dilated", "reference", "fast-bf16"])
+def test_every_recipe_trains_on_a_tiny_subset(recipe, extra, tiny_cifar, tmp_path, capsys):
     """Each recipe's own settings (low-res epochs, EMA, the albumentations loader of the
     reference, the dilated arch) run end to end: 2 short epochs, the first at low res where the
-    recipe has it (low_res_frac 0.5 of 2 epochs)."""
+    recipe has it (low_res_frac 0.5 of 2 epochs). `c40 eval --json` then prints exactly the
+    accuracy training printed: same weights, TTA and autocast dtype, on any host."""
+    from c40.cli import main
+
     cfg = TrainConfig.from_recipe(recipe, data=str(tiny_cifar), out=str(tmp_path), epochs=2,
-                                  subset=256, test_subset=200, batch_size=64, workers=1)
+                                  subset=256, batch_size=64, workers=1, **extra)
     if cfg.low_res < 32:
         cfg.low_res_frac = 0.5
     res = fit(cfg, progress=False)
@@ -126,6 +131,11 @@ def test_every_recipe_trains_on_a_tiny_subset(recipe, tiny_cifar, tmp_path):
     state = load_checkpoint(tmp_path / "checkpoint.pt")
     assert state["config"]["recipe"] == recipe and state["config"]["arch"] == cfg.arch
     assert (state["ema"] is not None) == cfg.ema
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tmp_path / "checkpoint.pt"), "--data", str(tiny_cifar),
+                 "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["accuracy"], printed["loss"]) == (res.accuracy, res.history[-1]["test_loss"])
 
 
 def test_depthwise_convs_run_in_fp32_under_cpu_bf16_autocast():
@@ -134,7 +144,7 @@ def test_depthwise_convs_run_in_fp32_under_cpu_bf16_autocast():
     from torch import nn
 
     from c40.model import create_model
-    from c40.train import keep_depthwise_fp32
+    from c40.precision import keep_depthwise_fp32
 
     model = create_model("strided", width=0.5)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
