@@ -13,7 +13,6 @@ import platform
 import shlex
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 
@@ -72,18 +71,9 @@ def machine_info() -> dict:
 
 def write_result(path: str | os.PathLike, result: dict) -> Path:
     """Write `result` as JSON to `path` atomically: readers see the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(result, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from c40.files import write_text
+
+    return write_text(path, json.dumps(result, indent=2, sort_keys=False) + "\n")
 
 
 def positive(s: str) -> int:

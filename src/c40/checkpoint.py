@@ -6,7 +6,6 @@ import os
 import platform
 import random
 import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 from torch import nn
 
 from c40.errors import CheckpointError
+from c40.files import atomic_path
 
 FORMAT_VERSION = 1
 # what a released (weights-only) checkpoint keeps: enough to evaluate, report and predict
@@ -22,28 +22,11 @@ RELEASE_KEYS = ("model", "ema", "config", "params", "classes", "mean", "std", "h
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
-    """Write `state` so that `path` is always either the old complete file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({**state, "format_version": FORMAT_VERSION}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint is an ordinary file
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write `state` so that `path` is always either the old complete file or the new one
+    (temp file + fsync + rename + fsync of the folder)."""
+    with atomic_path(path, durable=True) as tmp:
+        torch.save({**state, "format_version": FORMAT_VERSION}, tmp)
+    return Path(path)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

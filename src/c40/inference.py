@@ -166,7 +166,7 @@ def predict_checkpoint(path, images: Sequence, *, device: str = "auto") -> list[
 
 # ---------------------------------------------------------------------------- export
 def _write_atomic(out: Path, write) -> Path:
-    from c40.report import atomic_path
+    from c40.files import atomic_path
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,40 +7,19 @@ matplotlib (Agg canvas, no pyplot) and pyarrow are imported lazily.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from c40.data import Dataset
 from c40.errors import C40Error, DataError
+from c40.files import atomic_path, write_text
 from c40.evaluate import Evaluation
 
 CELL_INCHES = 1.5  # size of one image cell in the picture grids
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[str]:
-    """Yield a temporary path beside `path`; rename it to `path` only if the body succeeds."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _figure(width: float, height: float):
@@ -174,8 +153,7 @@ def write_predictions(ev: Evaluation, path: Path) -> Path:
 
 
 def write_json(obj: dict, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps(obj, indent=2) + "\n")
+    write_text(path, json.dumps(obj, indent=2) + "\n")
     return path
 
 
@@ -254,7 +232,6 @@ def _write_files(ev: Evaluation, out: Path, images: np.ndarray, train: Dataset |
     files["predictions"] = write_predictions(ev, out / "predictions.parquet")
     summary = ev.to_dict() | meta
     files["summary"] = write_json(summary, out / "summary.json")
-    with atomic_path(out / "REPORT.md") as tmp:
-        Path(tmp).write_text(_markdown(summary, files))
+    write_text(out / "REPORT.md", _markdown(summary, files))
     files["report"] = out / "REPORT.md"
     return files

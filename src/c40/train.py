@@ -28,10 +28,12 @@ from c40.checkpoint import (capture_rng, load_checkpoint, load_weights, provenan
 from c40.config import TrainConfig
 from c40.data import channel_stats, load_dataset, resolve_data_root
 from c40.ema import EMA
-from c40.errors import C40Error, CheckpointError, ConfigError, TrainingDiverged
+from c40.errors import CheckpointError, ConfigError, TrainingDiverged
 from c40.evaluate import evaluate
+from c40.files import prepare_out_dir, write_text
 from c40.loaders import LoaderSpec, TensorLoader, create_loader
 from c40.model import count_params, create_model
+from c40.optim import create_optimizer, create_scheduler
 from c40.precision import (amp_name, autocast, configure_backends, keep_depthwise_fp32,
                            resolve_amp, resolve_device)
 
@@ -52,26 +54,6 @@ class FitResult:
     params: int
     out: Path
     history: list[dict] = field(default_factory=list)
-
-
-def create_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False) -> torch.optim.Optimizer:
-    """SGD; weight decay only on conv/linear weights (not BatchNorm, not biases). `fused` for
-    fp16: GradScaler then hands the overflow flag to the kernel instead of reading it back."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
-                           nesterov=cfg.nesterov and cfg.momentum > 0, fused=fused or None)
-
-
-def create_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
-    if cfg.schedule == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-    return torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, total_steps=max(total_steps, 2), pct_start=cfg.warmup,
-        anneal_strategy="linear", div_factor=25.0, final_div_factor=1e3,
-        cycle_momentum=False)
 
 
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer,
@@ -285,7 +267,7 @@ def fit(cfg: TrainConfig, *, device: torch.device | str | None = None, rank: int
     device = resolve_device(cfg.device) if device is None else torch.device(device)
     out = Path(cfg.out)
     if rank == 0:
-        _prepare_out(out, resume=cfg.resume or resume_from is not None)
+        prepare_out_dir(out, resume=cfg.resume or resume_from is not None)
     run = _setup(cfg, device, rank, world_size, wrap_model, resume_from)
     progress = progress and rank == 0
     # `elapsed` counts the whole run: a resumed run continues from its last recorded elapsed
@@ -308,7 +290,7 @@ def fit(cfg: TrainConfig, *, device: torch.device | str | None = None, rank: int
             ckpt = None
             if rank == 0:
                 ckpt = save_checkpoint(_checkpoint_state(run, epoch + 1), out / "checkpoint.pt")
-                _write_metrics(out / "metrics.jsonl", run.history)
+                write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in run.history))
                 tqdm.write(_epoch_line(metrics)) if progress else print(_epoch_line(metrics), flush=True)
             if report is not None:
                 report(metrics, ckpt)
@@ -319,26 +301,6 @@ def fit(cfg: TrainConfig, *, device: torch.device | str | None = None, rank: int
         final = evaluate_run(run).accuracy if rank == 0 else math.nan
     return FitResult(final, len(run.history), time.perf_counter() - t_start, run.params, out,
                      run.history)
-
-
-def _prepare_out(out: Path, resume: bool) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".c40-write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise C40Error(f"output folder {out} is not writable ({e.strerror})") from None
-    if not resume and (out / "checkpoint.pt").exists():
-        raise C40Error(f"{out} already holds a run (checkpoint.pt): pass --resume to continue it "
-                       "or choose another --out")
-
-
-def _write_metrics(path: Path, history: list[dict]) -> None:
-    """Rewrite metrics.jsonl from the history (a resumed run never duplicates epochs)."""
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(m) + "\n" for m in history))
-    tmp.replace(path)
 
 
 def _epoch_line(m: dict) -> str:
