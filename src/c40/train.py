@@ -266,9 +266,15 @@ def fit(cfg: TrainConfig, *, device: torch.device | str | None = None, rank: int
     t_start = time.perf_counter()
     device = resolve_device(cfg.device) if device is None else torch.device(device)
     out = Path(cfg.out)
+    created = rank == 0 and not out.exists()
     if rank == 0:
         prepare_out_dir(out, resume=cfg.resume or resume_from is not None)
-    run = _setup(cfg, device, rank, world_size, wrap_model, resume_from)
+    try:
+        run = _setup(cfg, device, rank, world_size, wrap_model, resume_from)
+    except BaseException:
+        if created and not any(out.iterdir()):  # bad data, bad config: leave nothing behind
+            out.rmdir()
+        raise
     progress = progress and rank == 0
     # `elapsed` counts the whole run: a resumed run continues from its last recorded elapsed
     t_origin = t_start - (run.history[-1].get("elapsed", 0.0) if run.history else 0.0)
