@@ -82,8 +82,17 @@ def _download_config(uri: str) -> str:
 
 
 def location(value: str, what: str) -> str:
-    """A URI as given, or an absolute local path (relative ones resolve against the cwd)."""
+    """A URI as given (its bucket checked), or an absolute local path (relative ones resolve
+    against the cwd)."""
     if is_uri(value):
+        fs, path = filesystem(value)
+        bucket = path.split("/")[0]  # empty for file:///...
+        try:
+            missing = bucket and fs.get_file_info(bucket).type == pafs.FileType.NotFound
+        except OSError as e:  # credentials, endpoint, permissions
+            raise C40Error(f"{what} {value}: not reachable ({_first_line(e)})") from None
+        if missing:
+            raise C40Error(f"{what} {value}: bucket '{bucket}' does not exist")
         return value.rstrip("/")
     path = Path(value).expanduser()
     if not path.is_absolute() and IN_RAY_JOB:

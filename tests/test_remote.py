@@ -110,6 +110,11 @@ def test_scripts_check_storage_and_data_locations(script, aws, tiny_cifar, monke
     assert args.data == f"s3://{BUCKET}/cifar"  # workers fetch it; the driver only listed it
     args, _ = mod.parse_args([*base, "--storage", "rel/store", "--data", str(tiny_cifar)])
     assert Path(args.storage).is_absolute() and args.storage.endswith("rel/store")
+    for storage, message in (("s3://no-such-bucket/runs", "bucket 'no-such-bucket' does not exist"),
+                             ("nope://x/y", "no filesystem")):
+        with pytest.raises(SystemExit):
+            mod.parse_args([*base, "--storage", storage, "--data", str(tiny_cifar)])
+        assert message in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a partial/missing dataset fails on the driver, in one line
         mod.parse_args([*base, "--data", f"s3://{BUCKET}/nothing-here"])
     assert "no such dataset" in capsys.readouterr().err
