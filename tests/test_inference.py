@@ -126,28 +126,46 @@ def test_predict_images_matches_model(ckpt):
     np.testing.assert_allclose(p_rgb.probs, ref, atol=1e-5)
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
-def test_export_torchscript_gives_same_logits(capsys, ckpt, tmp_path):
-    out = tmp_path / "sub" / "model.pt"
-    rc, stdout, _ = _cli(capsys, "export", "--checkpoint", ckpt, "--format", "torchscript",
-                         "--out", out)
-    assert rc == 0 and out.is_file()
+def _load_export(fmt: str, path):
+    """The exported file back as a function of a float (B, 3, 32, 32) batch, and its c40.json."""
     extra = {"c40.json": ""}
-    scripted = torch.jit.load(str(out), _extra_files=extra)
-    assert json.loads(extra["c40.json"])["classes"][3] == "cat"
+    if fmt == "pt2":
+        fn = torch.export.load(str(path), extra_files=extra).module()
+    elif fmt == "torchscript":
+        with pytest.warns(FutureWarning):  # torch deprecates TorchScript; still loads
+            fn = torch.jit.load(str(path), _extra_files=extra)
+    else:
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path))
+        fn = lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0])  # noqa: E731
+        extra = None
+    return fn, extra
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "onnx", "torchscript"])
+def test_export_round_trip_gives_the_same_logits(capsys, ckpt, tmp_path, fmt):
+    out = tmp_path / "sub" / f"model.{fmt}"
+    argv = ["export", "--checkpoint", ckpt, "--out", out] + ([] if fmt == "pt2" else ["--format", fmt])
+    rc, stdout, _ = _cli(capsys, *argv)
+    assert rc == 0 and out.is_file() and stdout.strip() == f"exported {out}"
+    fn, extra = _load_export(fmt, out)
+    if extra is not None:
+        assert json.loads(extra["c40.json"])["classes"][3] == "cat"
     model, _ = load_model(ckpt)
-    x = torch.randn(4, 3, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(scripted(x), model(x))
+    for batch in (1, 5):  # any batch size, not the one traced
+        x = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(fn(x), model(x), atol=1e-5, rtol=1e-5)
 
 
 def test_export_onnx_without_package_is_a_clear_error(capsys, ckpt, tmp_path, monkeypatch):
     real = inference.importlib.util.find_spec
     monkeypatch.setattr(inference.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "onnx" else real(name, *a))
+                        lambda name, *a: None if name == "onnxscript" else real(name, *a))
     rc, _, err = _cli(capsys, "export", "--checkpoint", ckpt, "--format", "onnx", "--out",
                       tmp_path / "m.onnx")
-    assert rc == 2 and "needs the 'onnx' package" in err and len(err.splitlines()) == 1
+    assert rc == 2 and "pip install 'c40[onnx]'" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "m.onnx").exists()
     with pytest.raises(C40Error, match="unknown export format"):
         inference.export_checkpoint(ckpt, "tflite", tmp_path / "m")
@@ -164,7 +182,7 @@ def test_bad_checkpoint_is_one_line_exit_2(capsys, tmp_path, data, command, prob
     image = tmp_path / "x.png"
     Image.new("RGB", (32, 32)).save(image)
     extra = {"eval": ["--data", data], "report": ["--data", data, "--out", tmp_path / "r"],
-             "predict": [image], "export": ["--format", "torchscript", "--out", tmp_path / "m"]}
+             "predict": [image], "export": ["--out", tmp_path / "m"]}
     rc, out, err = _cli(capsys, command, "--checkpoint", path, *extra[command])
     assert rc == 2
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -143,9 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("images", nargs="+", metavar="IMAGE")
     pr.set_defaults(func=_cmd_predict)
 
-    x = sub.add_parser("export", help="write the model as TorchScript or ONNX")
+    x = sub.add_parser("export", help="write the model as a torch.export program (.pt2), ONNX, "
+                       "TorchScript or a weights-only checkpoint")
     x.add_argument("--checkpoint", required=True)
-    x.add_argument("--format", required=True, choices=list(EXPORT_FORMATS))
+    x.add_argument("--format", default="pt2", choices=list(EXPORT_FORMATS),
+                   help="pt2 (default; torch.export.load), onnx (needs c40[onnx]), torchscript, weights")
     x.add_argument("--out", required=True, help="output file")
     x.set_defaults(func=_cmd_export)
 

@@ -4,7 +4,9 @@ thin wrappers over these functions.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import warnings
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ from c40.loaders import LoaderSpec, TensorLoader
 from c40.precision import keep_depthwise_fp32, resolve_amp, resolve_device
 
 SIZE = 32  # the models' input side in pixels
-EXPORT_FORMATS = ("torchscript", "onnx", "weights")
+EXPORT_FORMATS = ("pt2", "onnx", "torchscript", "weights")  # pt2 (torch.export): the default
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -178,11 +180,13 @@ def _write_atomic(out: Path, write) -> Path:
 
 
 def export_checkpoint(path, fmt: str, out) -> Path:
-    """Export the checkpoint's model (input: normalised float (B, 3, 32, 32), output: logits).
+    """Export the checkpoint's model (input: normalised float (B, 3, 32, 32), any B; output: logits).
 
-    TorchScript files carry `c40.json` (classes, mean, std, arch) as an extra file; ONNX needs
-    the optional `onnx` package. `weights` is a c40 checkpoint without the training state
-    (optimizer, schedule, RNG): a third of the size, loadable by eval/report/predict.
+    `pt2`: a `torch.export` program (load with `torch.export.load(f).module()`), carrying
+    `c40.json` (classes, mean, std, arch) as an extra file; `onnx` needs the optional extra
+    (`pip install c40[onnx]`); `torchscript` is deprecated by torch and kept for old consumers.
+    `weights` is a c40 checkpoint without the training state (optimizer, schedule, RNG): a third
+    of the size, loadable by eval/report/predict.
     """
     if fmt == "weights":
         from c40.checkpoint import RELEASE_KEYS, load_checkpoint, save_checkpoint
@@ -191,15 +195,19 @@ def export_checkpoint(path, fmt: str, out) -> Path:
         return save_checkpoint({k: state[k] for k in RELEASE_KEYS if k in state}, out)
     if fmt not in EXPORT_FORMATS:
         raise C40Error(f"unknown export format '{fmt}' (choose from {', '.join(EXPORT_FORMATS)})")
-    if fmt == "onnx" and importlib.util.find_spec("onnx") is None:
-        raise C40Error("ONNX export needs the 'onnx' package, which is not installed "
-                       "(pip install onnx onnxscript), or use --format torchscript")
+    if fmt == "onnx" and importlib.util.find_spec("onnxscript") is None:
+        raise C40Error("ONNX export needs the onnx extra, which is not installed "
+                       "(pip install 'c40[onnx]'), or use --format pt2")
     model, state = load_model(path, map_location="cpu")
-    example = torch.zeros(1, 3, SIZE, SIZE)
-    info = {"classes": state.get("classes"), "mean": state["mean"], "std": state["std"],
-            "arch": state["config"].get("arch"), "params": state.get("params"),
-            "input": "normalised float (B, 3, 32, 32): (pixels / 255 - mean) / std"}
-    if fmt == "torchscript":
+    example = torch.zeros(2, 3, SIZE, SIZE)  # batch 2: a batch of 1 would be specialised
+    batch = {"x": {0: torch.export.Dim.DYNAMIC}}
+    info = json.dumps({"classes": state.get("classes"), "mean": state["mean"], "std": state["std"],
+                       "arch": state["config"].get("arch"), "params": state.get("params"),
+                       "input": "normalised float (B, 3, 32, 32): (pixels / 255 - mean) / std"})
+    if fmt == "pt2":
+        program = torch.export.export(model, (example,), dynamic_shapes=batch)
+        write = lambda tmp: torch.export.save(program, tmp, extra_files={"c40.json": info})  # noqa: E731
+    elif fmt == "torchscript":
         with warnings.catch_warnings():  # torch >= 2.10 marks TorchScript deprecated; asked for
             warnings.simplefilter("ignore", FutureWarning)
             scripted = torch.jit.trace(model, example)
@@ -207,9 +215,12 @@ def export_checkpoint(path, fmt: str, out) -> Path:
         def write(tmp):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
-                torch.jit.save(scripted, tmp, _extra_files={"c40.json": json.dumps(info)})
+                torch.jit.save(scripted, tmp, _extra_files={"c40.json": info})
     else:
-        write = lambda tmp: torch.onnx.export(  # noqa: E731
-            model, (example,), tmp, input_names=["images"], output_names=["logits"],
-            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+        def write(tmp):
+            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the exporter narrates its passes
+                torch.onnx.export(model, (example,), tmp, input_names=["images"],
+                                  output_names=["logits"], dynamic_shapes=batch, dynamo=True,
+                                  external_data=False)
     return _write_atomic(Path(out), write)
