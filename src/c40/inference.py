@@ -1,5 +1,5 @@
 """Using a trained checkpoint: evaluate it on a dataset, write its report, predict single
-images, export it (TorchScript / ONNX). The CLI commands eval, report, predict and export are
+images, export it (torch.export / ONNX / TorchScript). The CLI commands eval, report, predict and export are
 thin wrappers over these functions.
 """
 from __future__ import annotations
