@@ -160,6 +160,11 @@ def test_search_runs_on_worker_nodes_resumes_a_killed_trial_from_s3(cluster, s3,
     assert fs.get_file_info(f"{run}/.c40-fault-injected").is_file
     for name in ("results.csv", "accuracy.png", "best_config.json"):
         assert fs.get_file_info(f"{run}/{name}").size > 0, name
+    trials = [i.path for i in fs.get_file_info(pafs.FileSelector(run)) if i.type == pafs.FileType.Directory]
+    assert len(trials) == 2  # each trial folder has Tune's TensorBoard events, for --logdir
+    for trial in trials:
+        assert any(i.base_name.startswith("events.out.tfevents")
+                   for i in fs.get_file_info(pafs.FileSelector(trial))), trial
     best = json.loads(fs.open_input_stream(f"{run}/best_config.json").read())
     assert best["width"] == 0.5 and "data" not in best and "out" not in best
 
