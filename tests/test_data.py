@@ -188,3 +188,58 @@ def test_image_folder_rejects_bad_images(tmp_path, size, mode, name, match):
         load_image_folder(tmp_path / "train")
     if size:  # --resize converts instead
         assert load_image_folder(tmp_path / "train", resize=True).images.shape == (1, 32, 32, 3)
+
+
+@pytest.fixture
+def cifar_tarball_url(tiny_cifar, tmp_path):
+    """A CIFAR-10 tarball of the tiny folder, served over HTTP on 127.0.0.1: (url, md5)."""
+    import functools
+    import hashlib
+    import http.server
+    import tarfile
+    import threading
+
+    site = tmp_path / "site"
+    site.mkdir()
+    tarball = site / "cifar-10-python.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(tiny_cifar, arcname="cifar-10-batches-py")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield (f"http://127.0.0.1:{server.server_port}/{tarball.name}",
+               hashlib.md5(tarball.read_bytes()).hexdigest())
+    finally:
+        server.shutdown()
+
+
+def test_default_data_is_downloaded_when_absent(cifar_tarball_url, tmp_path, monkeypatch, capsys):
+    """No --data, no $C40_DATA, no ./data/cifar-10-batches-py: the tarball is fetched (here from
+    a local server standing in for the official URL), md5-checked and extracted there."""
+    from c40 import data
+
+    monkeypatch.setattr(data, "CIFAR10_URL", cifar_tarball_url[0])
+    monkeypatch.setattr(data, "CIFAR10_MD5", cifar_tarball_url[1])
+    monkeypatch.delenv("C40_DATA", raising=False)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    root = data.resolve_data_root(None)
+    assert root == data.DEFAULT_ROOT and len(data.load_dataset(root, "test")) == 200
+    assert "downloading CIFAR-10" in capsys.readouterr().err
+    monkeypatch.setattr(data, "CIFAR10_MD5", "0" * 32)  # present now: no second download
+    assert data.resolve_data_root(None) == data.DEFAULT_ROOT
+
+
+def test_default_download_with_a_bad_checksum_is_one_line(cifar_tarball_url, tmp_path, monkeypatch):
+    from c40 import data
+
+    monkeypatch.setattr(data, "CIFAR10_URL", cifar_tarball_url[0])
+    monkeypatch.setattr(data, "CIFAR10_MD5", "0" * 32)
+    monkeypatch.delenv("C40_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="failed its check") as e:
+        data.resolve_data_root(None)
+    assert "\n" not in str(e.value) and not (tmp_path / data.DEFAULT_ROOT).exists()

@@ -5,6 +5,7 @@ Everything returns a `Dataset` of uint8 NHWC images and int64 labels; nothing he
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,11 +120,18 @@ def _class_names(root: Path) -> tuple[str, ...]:
 
 
 def resolve_data_root(data: str | os.PathLike | None = None) -> Path:
-    """`--data DIR|URI` > `$C40_DATA` > `./data/cifar-10-batches-py`; a clear error if absent.
+    """`--data DIR|URI` > `$C40_DATA` > `./data/cifar-10-batches-py`, downloaded there (md5-checked,
+    with a progress bar) when nothing names a folder and the default one does not exist yet.
 
     A URI (s3://bucket/cifar-10-batches-py, gs://...) is copied once per node into a local cache
     (c40.remote) and the cached folder is returned."""
-    location = data or os.environ.get("C40_DATA") or DEFAULT_ROOT
+    location = data or os.environ.get("C40_DATA")
+    if not location:
+        if not DEFAULT_ROOT.is_dir():
+            print(f"c40: no --data given and ./{DEFAULT_ROOT} does not exist: downloading CIFAR-10 "
+                  f"there ({CIFAR10_URL})", file=sys.stderr, flush=True)
+            return download_cifar10(DEFAULT_ROOT.parent)
+        return DEFAULT_ROOT
     if "://" in str(location):
         from c40.remote import fetch_dataset
 
@@ -171,8 +179,8 @@ def download_cifar10(root: str | os.PathLike = DEFAULT_ROOT.parent) -> Path:
     try:
         download_and_extract_archive(CIFAR10_URL, str(root), md5=CIFAR10_MD5)
     except OSError as e:  # URLError, socket errors, disk errors are all OSErrors
-        raise DataError(f"could not download CIFAR-10 from {CIFAR10_URL} ({e}); download it "
-                        f"by hand and extract it into {root}") from None
+        raise DataError(f"could not download CIFAR-10 from {CIFAR10_URL} ({e}); offline, put the "
+                        f"cifar-10-batches-py folder at {target} or pass --data DIR") from None
     except RuntimeError as e:  # torchvision raises RuntimeError on a checksum mismatch
         raise DataError(f"CIFAR-10 download failed its check: {e}") from None
     return target
