@@ -46,8 +46,11 @@ def test_missing_data_folder(tmp_path):
 
 def test_default_data_folder_hint(tmp_path):
     env = {"C40_DATA": ""}
-    r = c40("train", "--out", str(tmp_path / "o"), env=env, cwd=tmp_path)
-    _assert_clean_error(r, "data/cifar-10-batches-py", "--data")
+    r = c40("train", "--out", str(tmp_path / "o"), env=env, cwd=tmp_path)  # offline here
+    notice, error = r.stderr.strip().splitlines()
+    assert "downloading CIFAR-10" in notice and r.returncode == 2 and "Traceback" not in r.stderr
+    assert error.startswith("c40 train: error: could not download CIFAR-10")
+    assert "data/cifar-10-batches-py" in error and "--data" in error
 
 
 def test_corrupt_batch_file_through_cli(tiny_cifar, tmp_path):
