@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from c40.evaluate import Evaluation, evaluate
-from c40.loaders import LoaderSpec, TensorLoader, epoch_indices
+from c40.loaders import LoaderSpec, TensorLoader
 
 CLASSES = ("a", "b", "c")
 # 7 samples, labels 0 0 1 1 2 2 2; mistakes: s1 (pred b, 0.8), s3 (pred a, 0.6), s5 (pred a, 0.9)
@@ -100,8 +100,7 @@ def _data(n=37, seed=0):
 
 def _run(model, images, labels, tta=False, **spec_kw):
     spec = LoaderSpec(8, (0.5,) * 3, (0.25,) * 3, **spec_kw)
-    return evaluate(model, TensorLoader(images, labels, spec), CLASSES, tta=tta,
-                    indices=epoch_indices(len(labels), spec, 0))
+    return evaluate(model, TensorLoader(images, labels, spec), CLASSES, tta=tta)
 
 
 def test_tta_changes_nothing_for_flip_invariant_model():
@@ -124,35 +123,3 @@ def test_evaluate_restores_training_mode_and_matches_loss():
     assert model.training
     np.testing.assert_array_equal(ev.labels, labels)
     np.testing.assert_allclose(ev.losses, -np.log(ev.probs[np.arange(10), labels]), rtol=1e-5)
-
-
-def _assert_same(a: Evaluation, b: Evaluation):
-    np.testing.assert_array_equal(a.indices, b.indices)
-    np.testing.assert_array_equal(a.labels, b.labels)
-    np.testing.assert_allclose(a.probs, b.probs, atol=1e-6)
-    np.testing.assert_allclose(a.losses, b.losses, atol=1e-5)
-    assert a.to_dict()["confusion"] == b.to_dict()["confusion"]
-
-
-def test_merge_two_halves_equals_whole():
-    ev = _case()
-    first = Evaluation(ev.indices[:3], ev.labels[:3], ev.probs[:3], ev.losses[:3], CLASSES)
-    second = Evaluation(ev.indices[3:], ev.labels[3:], ev.probs[3:], ev.losses[3:], CLASSES)
-    _assert_same(Evaluation.merge([second, first]), ev)
-    assert Evaluation.merge([second, first]).to_dict() == ev.to_dict()
-    with pytest.raises(ValueError):
-        Evaluation.merge([])
-    with pytest.raises(ValueError, match="different classes"):
-        Evaluation.merge([first, Evaluation(np.zeros(0), np.zeros(0), np.zeros((0, 2)),
-                                            np.zeros(0), ("x", "y"))])
-
-
-def test_merge_of_padded_distributed_shards_equals_whole():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(4, 3))
-    images, labels = _data(n=37)  # 37 is odd: the 2 shards are padded with a repeated sample
-    whole = _run(model, images, labels)
-    shards = [_run(model, images, labels, rank=r, world_size=2) for r in range(2)]
-    assert sum(s.n for s in shards) == 38
-    _assert_same(Evaluation.merge(shards), whole)

@@ -5,7 +5,7 @@ no plotting.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -119,23 +119,6 @@ class Evaluation:
         return Mistakes(self.indices[order], self.labels[order], preds[order],
                         self.confidence[order])
 
-    @classmethod
-    def merge(cls, parts: Sequence["Evaluation"]) -> "Evaluation":
-        """Partial results (e.g. one per worker) -> one Evaluation ordered by dataset index.
-
-        A sample seen by several parts (DistributedSampler pads shards by repeating indices)
-        is counted once.
-        """
-        if not parts:
-            raise ValueError("merge needs at least one Evaluation")
-        classes = parts[0].classes
-        if any(p.classes != classes for p in parts):
-            raise ValueError("cannot merge evaluations over different classes")
-        indices = np.concatenate([p.indices for p in parts])
-        _, first = np.unique(indices, return_index=True)  # sorted by index, duplicates dropped
-        pick = lambda name: np.concatenate([getattr(p, name) for p in parts])[first]  # noqa: E731
-        return cls(indices[first], pick("labels"), pick("probs"), pick("losses"), classes)
-
     def to_dict(self) -> dict:
         """JSON-ready summary (NaN for a class without samples becomes null)."""
         acc, missed = self.per_class_accuracy(), self.missed_fraction()
@@ -152,7 +135,7 @@ class Evaluation:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, classes, *, amp_dtype: torch.dtype | None = None,
-             tta: bool = False, indices: np.ndarray | None = None) -> Evaluation:
+             tta: bool = False) -> Evaluation:
     """Run `model` (switched to eval mode, restored afterwards) over an unshuffled loader.
 
     tta: average the softmax of the image and its horizontal mirror.
@@ -178,6 +161,6 @@ def evaluate(model: nn.Module, loader, classes, *, amp_dtype: torch.dtype | None
     probs_np = torch.cat(probs).cpu().numpy() if probs else np.zeros((0, len(classes)), np.float32)
     labels_np = torch.cat(labels).cpu().numpy() if labels else np.zeros(0, np.int64)
     losses_np = torch.cat(losses).cpu().numpy() if losses else np.zeros(0, np.float32)
-    idx = np.arange(len(labels_np)) if indices is None else np.asarray(indices)
+    idx = np.arange(len(labels_np))  # an unshuffled loader: row i is dataset index i
     return Evaluation(idx, labels_np, probs_np.astype(np.float32), losses_np.astype(np.float32),
                       tuple(classes))
