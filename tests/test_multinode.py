@@ -53,8 +53,8 @@ def cluster(s3):
     head_only, home = root / "head_only", root / "home"
     (head_only / "cwd").mkdir(parents=True)
     home.mkdir()
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH") and not k.startswith("AWS_")}
+    # nothing from another Ray of this test run (ray.init exports RAY_ADDRESS, RAY_AUTH_MODE)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
     env.update(env_s3, HOME=str(home), PATH=f"{BIN}{os.pathsep}{env['PATH']}",
                RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
                C40_CACHE=str(head_only / "cache"))
