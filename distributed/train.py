@@ -3,7 +3,7 @@
     python distributed/train.py --cpu --num-workers 2 --epochs 1 --subset 2000   # 2-core box
     python distributed/train.py --num-workers 4 --recipe best --storage s3://BUCKET/c40
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python distributed/train.py --num-workers 4 --config best_config.json --storage s3://BUCKET/c40
+        python distributed/train.py --num-workers 4 --config s3://BUCKET/c40/SEARCH/best_config.json
 
 Every worker runs the same `fit` as `c40 train`; Ray supplies rank, device, the DDP wrapper and
 the checkpoint to resume from. `--batch-size` is GLOBAL (each of N workers trains on
@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "fractional values are allowed)")
     g.add_argument("--placement", choices=PLACEMENTS, default="auto",
                    help="placement of the workers (auto: STRICT_PACK on GPUs, so NCCL stays "
-                        "inside one node; PACK on CPUs)")
+                        "inside one node; PACK on CPUs); PACK or SPREAD when no node has "
+                        "--num-workers GPUs")
     g.add_argument("--keep", type=int, default=2, help="checkpoints kept in storage")
     return p
 
@@ -88,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Train
     if args.cpus_per_worker is not None and args.cpus_per_worker <= 0:
         parser.error("--cpus-per-worker must be > 0")
     rc.check_ray_args(parser, args)
+    if args.placement == "auto":
+        args.placement = "PACK" if args.cpu else "STRICT_PACK"
     args.name = rc.run_name(args, "c40")
     args.run = f"{args.storage}/{args.name}"
     args.out = rc.location(args.out, "--out") if args.out else args.run
@@ -109,13 +112,16 @@ def train(args: argparse.Namespace, cfg: TrainConfig) -> dict:
     cpus = args.cpus_per_worker
     if cpus is None:  # e.g. 2 workers on a 2-core box: 1 each; 4 workers: 0.5 each
         cpus = 1.0 if not args.cpu else min(1.0, ray.cluster_resources().get("CPU", 1) / args.num_workers)
-    placement = args.placement if args.placement != "auto" else "PACK" if args.cpu else "STRICT_PACK"
+    if not args.cpu and ray.cluster_resources().get("GPU", 0) < args.num_workers:
+        print(f"distributed/train.py: waiting for {args.num_workers} GPU(s) ({args.placement}), the "
+              f"cluster has {ray.cluster_resources().get('GPU', 0):g} now (autoscaling?); use "
+              "--cpu for CPU workers", file=sys.stderr, flush=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "fault": rc.fault_settings(args.run)},
         torch_config=TorchConfig(backend="gloo" if args.cpu else "nccl"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=args.num_workers, use_gpu=not args.cpu, placement_strategy=placement,
+            num_workers=args.num_workers, use_gpu=not args.cpu, placement_strategy=args.placement,
             resources_per_worker={"CPU": cpus, **({} if args.cpu else {"GPU": 1})}),
         run_config=ray.train.RunConfig(
             storage_path=args.storage, name=args.name,
@@ -136,7 +142,7 @@ def train(args: argparse.Namespace, cfg: TrainConfig) -> dict:
     return {"test_acc": history[-1].get("test_acc", ret.get("test_acc")), "epochs": len(history),
             "params": params, "resumed_from_epoch": ret.get("resumed_from_epoch"),
             "node_ids": ret.get("node_ids"), "num_workers": args.num_workers,
-            "global_batch_size": cfg.batch_size, "placement": placement,
+            "global_batch_size": cfg.batch_size, "placement": args.placement,
             "per_worker_batch_size": max(1, cfg.batch_size // args.num_workers),
             "cpus_per_worker": cpus, "checkpoint": dest, "run": args.run,
             "seconds": time.perf_counter() - t0, "history": history}

@@ -33,6 +33,25 @@ def _train(script, data: Path, tmp: Path, name: str, *extra: str) -> dict:
     return script.train(args, cfg)
 
 
+def test_gpu_workers_are_packed_on_one_node_by_default(script, tiny_cifar, monkeypatch):
+    """Multi-GPU DDP stays inside one node (NCCL over NVLink/PCIe, not the network)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a driver with a GPU
+    for extra, placement in (([], "STRICT_PACK"), (["--cpu"], "PACK"),
+                             (["--placement", "SPREAD"], "SPREAD")):
+        args, _ = script.parse_args(["--num-workers", "4", "--data", str(tiny_cifar), *extra])
+        assert args.placement == placement
+
+
+@pytest.mark.xfail(strict=True, reason="c40.config resolves device 'cuda' on the machine that "
+                   "builds the config: a CPU-only head cannot configure GPU workers")
+def test_a_cpu_only_driver_configures_gpu_workers(script, tiny_cifar):
+    """On a cluster the driver runs on the CPU head; the GPU recipe values are for the workers."""
+    _, cfg = script.parse_args(["--num-workers", "4", "--data", str(tiny_cifar)])
+    assert cfg.device == "cuda" and cfg.batch_size == 512
+
+
 @pytest.fixture(scope="module")
 def two_workers(ray_local, script, tiny_cifar, tmp_path_factory):
     return _train(script, tiny_cifar, tmp_path_factory.mktemp("dist"), "w2", "--num-workers", "2")
@@ -41,6 +60,7 @@ def two_workers(ray_local, script, tiny_cifar, tmp_path_factory):
 def test_two_cpu_workers_leave_a_checkpoint_c40_eval_loads(two_workers, tiny_cifar):
     s = two_workers
     assert s["num_workers"] == 2 and s["per_worker_batch_size"] == 32 and s["epochs"] == 1
+    assert s["placement"] == "PACK" and len(s["node_ids"]) == 2
     assert 0.0 <= s["test_acc"] <= 1.0 and s["params"] < 200_000
     assert s["resumed_from_epoch"] == 0
     ckpt = Path(s["checkpoint"])
