@@ -13,6 +13,7 @@ from c40.checkpoint import load_model
 from c40.cli import main
 from c40.config import TrainConfig
 from c40.errors import C40Error
+from c40.imagefolder import to_input
 from c40.train import fit
 
 N_TEST = 40
@@ -118,7 +119,7 @@ def test_predict_images_matches_model(ckpt):
     gray = img.convert("L")
     p_rgb, p_gray = inference.predict_images(model, state, [img, gray])
     assert p_rgb.probs.shape == (10,) and p_rgb.probs.sum() == pytest.approx(1, abs=1e-5)
-    assert inference.to_input(gray)[1] == "converted from L to RGB"
+    assert to_input(gray)[1] == "converted from L to RGB"
     x = (torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float() / 255
          - torch.tensor(state["mean"]).view(1, 3, 1, 1)) / torch.tensor(state["std"]).view(1, 3, 1, 1)
     with torch.no_grad():

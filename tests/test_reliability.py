@@ -306,7 +306,7 @@ DATA_CASES = {
     "bad_meta": (lambda t, d: _mutate(t, d, "batches.meta", lambda p: _pickle_to(
                  p, {b"label_names": [b"a", b"b"]})), ["batches.meta", "10 class names"]),
     "images_big": (lambda t, d: _image_folder(d, "big"), ["big.png", "40x30", "32x32"]),
-    "images_gray": (lambda t, d: _image_folder(d, "gray"), ["gray.png", "mode L", "RGB"]),
+    "images_gray": (lambda t, d: _image_folder(d, "gray"), ["gray.png", "from L to RGB"]),
     "images_text": (lambda t, d: _image_folder(d, "text"), ["notes.txt", "not an image file"]),
     "images_fake": (lambda t, d: _image_folder(d, "fake_png"), ["fake.png", "not a readable image"]),
     "images_no_classes": (lambda t, d: (d / "train").mkdir() or (d / "test").mkdir() or d,

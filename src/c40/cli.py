@@ -70,7 +70,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from c40.inference import open_image, predict_checkpoint, to_input
+    from c40.imagefolder import open_image, to_input
+    from c40.inference import predict_checkpoint
 
     images = [open_image(p) for p in args.images]
     for path, im in zip(args.images, images):

@@ -144,7 +144,7 @@ def resolve_data_root(data: str | os.PathLike | None = None) -> Path:
     return root
 
 
-def load_dataset(root: str | os.PathLike, split: str, *, resize: bool = False) -> Dataset:
+def load_dataset(root: str | os.PathLike, split: str) -> Dataset:
     """A CIFAR-10 batch folder, or an image folder `<root>/<split>/<class>/*.png`."""
     if split not in ("train", "test"):
         raise DataError(f"unknown split '{split}' (use train or test)")
@@ -153,7 +153,7 @@ def load_dataset(root: str | os.PathLike, split: str, *, resize: bool = False) -
         return load_cifar10(root, split)
     if (root / split).is_dir():
         from c40.imagefolder import load_image_folder
-        return load_image_folder(root / split, resize=resize)
+        return load_image_folder(root / split)
     raise DataError(f"{root}: neither a cifar-10-batches-py folder (data_batch_1..5, test_batch) "
                     f"nor an image folder with a '{split}/' subfolder")
 

@@ -22,10 +22,10 @@ from c40.checkpoint import load_model
 from c40.data import Dataset, load_dataset, resolve_data_root
 from c40.errors import C40Error, DataError
 from c40.evaluate import Evaluation, evaluate
+from c40.imagefolder import SIZE, to_input
 from c40.loaders import LoaderSpec, TensorLoader
 from c40.precision import keep_depthwise_fp32, resolve_amp, resolve_device
 
-SIZE = 32  # the models' input side in pixels
 EXPORT_FORMATS = ("pt2", "onnx", "torchscript", "weights")  # pt2 (torch.export): the default
 
 
@@ -110,35 +110,6 @@ class Prediction:
     label: str                  # most probable class name
     confidence: float           # its probability
     probs: np.ndarray           # (K,) float32 class probabilities
-
-
-def open_image(path) -> "PIL.Image.Image":  # noqa: F821
-    """Read any image PIL understands; a one-line DataError otherwise."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: image not found")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except (UnidentifiedImageError, OSError) as e:
-        raise DataError(f"{path}: not a readable image ({e})") from None
-
-
-def to_input(image) -> tuple[np.ndarray, str | None]:
-    """PIL image -> ((32, 32, 3) uint8, note) where note says what was converted, if anything."""
-    from PIL import Image
-
-    notes = []
-    if image.mode != "RGB":
-        notes.append(f"converted from {image.mode} to RGB")
-        image = image.convert("RGB")
-    if image.size != (SIZE, SIZE):
-        notes.append(f"resized from {image.size[0]}x{image.size[1]} to {SIZE}x{SIZE}")
-        image = image.resize((SIZE, SIZE), Image.BILINEAR)
-    return np.asarray(image, dtype=np.uint8), "; ".join(notes) or None
 
 
 @torch.no_grad()
