@@ -1,4 +1,4 @@
-"""The real `c40` command line: JSON summaries, and one-line errors with exit code 2."""
+"""The `c40` command line: JSON summaries, and one-line errors with exit code 2."""
 import json
 import os
 import subprocess
@@ -7,10 +7,7 @@ import sys
 import pytest
 
 
-def c40(*args, env=None, cwd=None):
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "c40", *args], capture_output=True, text=True,
-                          env=full_env, cwd=cwd, timeout=300)
+from conftest import run_c40 as c40  # in process; the pipe test below starts a real one
 
 
 @pytest.mark.parametrize("arch", ["strided", "dilated"])
@@ -91,9 +88,6 @@ def test_eval_missing_and_corrupt_checkpoint(tmp_path):
 def test_output_into_a_closed_pipe_is_not_a_traceback():
     """`c40 eval ... | head -1`: the reader has gone before c40 writes; c40 exits quietly.
     Here the pipe's read end is closed before the process starts, so every write fails."""
-    import os
-    import subprocess
-    import sys
 
     r, w = os.pipe()
     os.close(r)

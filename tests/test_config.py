@@ -21,6 +21,10 @@ def test_the_defaults_are_the_fast_recipe():
 
 
 def test_gpu_values_apply_only_on_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only Ray head ...
+    head = TrainConfig.from_recipe("fast", device="cuda")               # ... configuring GPU workers
+    assert (head.device, head.batch_size) == ("cuda", RECIPES["fast"]["cuda"]["batch_size"])
+    assert TrainConfig.from_recipe("fast").batch_size == 128           # auto on a CPU machine
     cpu = TrainConfig.from_recipe("best", device="cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     gpu = TrainConfig.from_recipe("best", device="cuda")

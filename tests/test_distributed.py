@@ -44,8 +44,6 @@ def test_gpu_workers_are_packed_on_one_node_by_default(script, tiny_cifar, monke
         assert args.placement == placement
 
 
-@pytest.mark.xfail(strict=True, reason="c40.config resolves device 'cuda' on the machine that "
-                   "builds the config: a CPU-only head cannot configure GPU workers")
 def test_a_cpu_only_driver_configures_gpu_workers(script, tiny_cifar):
     """On a cluster the driver runs on the CPU head; the GPU recipe values are for the workers."""
     _, cfg = script.parse_args(["--num-workers", "4", "--data", str(tiny_cifar)])

@@ -24,16 +24,22 @@ from c40 import checkpoint as ckpt_mod
 from c40.checkpoint import load_checkpoint, save_checkpoint
 from c40.config import TrainConfig
 from c40.train import fit
-from conftest import write_batch
+from conftest import run_c40, write_batch
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # 2 shared cores: OpenMP spin-waits oversubscribe
 TINY = ["--width", "0.5", "--batch-size", "64", "--test-subset", "200", "--no-tta", "--no-progress"]
 
 
 # ----------------------------------------------------------------------------------- helpers
-def c40(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def c40(*args: str) -> subprocess.CompletedProcess:
+    """In process (conftest.run_c40): only signal and kill tests below start a real `c40`."""
+    return run_c40(*args)
+
+
+def c40_process(*args: str) -> subprocess.CompletedProcess:
+    """A real `c40` process with the same environment (threads) as `start_c40`'s."""
     return subprocess.run([sys.executable, "-m", "c40", *args], capture_output=True, text=True,
-                          env=ENV, timeout=timeout)
+                          env=ENV, timeout=300)
 
 
 def start_c40(*args: str) -> subprocess.Popen:
@@ -104,7 +110,7 @@ def final_accuracy(stdout: str) -> str:
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_cifar, tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("uninterrupted")
-    r = c40(*train_args(tiny_cifar, out, *RESUME_RUN))
+    r = c40_process(*train_args(tiny_cifar, out, *RESUME_RUN))  # bit-identity needs equal threads
     assert r.returncode == 0, r.stderr
     return out, r.stdout
 
@@ -121,7 +127,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tiny_cifar, 
     saved = load_checkpoint(out / "checkpoint.pt")["epoch"]
     assert 1 <= saved < 4  # killed before the end; at most the running epoch is lost
 
-    r = c40(*train_args(tiny_cifar, out, *RESUME_RUN, "--resume"))
+    r = c40_process(*train_args(tiny_cifar, out, *RESUME_RUN, "--resume"))
     assert r.returncode == 0, r.stderr
     full, full_stdout = uninterrupted
     assert final_accuracy(r.stdout) == final_accuracy(full_stdout)

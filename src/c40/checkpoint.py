@@ -24,8 +24,8 @@ RELEASE_KEYS = ("model", "ema", "config", "params", "classes", "mean", "std", "h
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
     """Write `state` so that `path` is always either the old complete file or the new one
     (temp file + fsync + rename + fsync of the folder)."""
-    with atomic_path(path, durable=True) as tmp:
-        torch.save({**state, "format_version": FORMAT_VERSION}, tmp)
+    with atomic_path(path, durable=True) as tmp, open(tmp, "wb") as f:
+        torch.save({**state, "format_version": FORMAT_VERSION}, f)
     return Path(path)
 
 

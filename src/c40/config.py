@@ -128,13 +128,16 @@ class TrainConfig:
     @classmethod
     def from_recipe(cls, recipe: str = "fast", **overrides) -> "TrainConfig":
         """Dataclass defaults < recipe < its "cuda" values on a GPU < explicit overrides."""
-        from c40.precision import resolve_device
+        import torch
 
         if recipe not in RECIPES:
             raise ConfigError(f"unknown recipe '{recipe}' (choose from {', '.join(RECIPES)})")
         values = dict(RECIPES[recipe])
         gpu = values.pop("cuda", {})
-        if resolve_device(overrides.get("device", values.get("device", "auto"))).type == "cuda":
+        device = str(overrides.get("device", values.get("device", "auto")))
+        # an explicit cuda is believed, not checked: a CPU-only Ray head configures GPU workers
+        # (fit checks the device where it runs); auto means this machine's choice
+        if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
             values.update(gpu)
         return cls(**{**values, **overrides, "recipe": recipe})
 
