@@ -42,7 +42,8 @@ IN_RAY_JOB = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
 def add_ray_flags(parser: argparse.ArgumentParser, default_storage: str) -> argparse._ArgumentGroup:
     """The flags both scripts share; returns the group so a script can add its own."""
     g = parser.add_argument_group("Ray")
-    g.add_argument("--cpu", action="store_true", help="train on CPUs (default: GPUs)")
+    g.add_argument("--cpu", action="store_true",
+                   help="train on CPUs (default: GPUs; tune/search.py: --device auto)")
     g.add_argument("--storage", default=os.environ.get(STORAGE_ENV) or default_storage,
                    help=f"where Ray keeps the run and the outputs go: a folder every node sees "
                         f"or a URI such as s3://bucket/prefix (default: ${STORAGE_ENV}, else "

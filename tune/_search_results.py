@@ -1,5 +1,6 @@
 """The results files of tune/search.py, written through the storage's pyarrow filesystem:
-results.parquet + results.csv (one row per trial) and accuracy.png. Driver-side only."""
+results.parquet + results.csv (one row per trial), history.parquet (one row per trial and
+epoch), then the report's pictures and REPORT.md (tune/_search_report.py). Driver-side only."""
 from __future__ import annotations
 
 import io
@@ -20,8 +21,7 @@ def results_table(grid, searched: tuple[str, ...], epochs: int):
     df = grid.get_dataframe()
     # the sampled values come from each trial's config ("lr" is also a metric: the schedule's)
     df = df.drop(columns=[c for c in df.columns if c.startswith("config/") or c in (*searched, "logdir")])
-    trials = pd.DataFrame([{"trial_id": (r.metrics or {}).get("trial_id") or Path(r.path).name,
-                            "path": r.path, "error": rc.last_line(r.error),
+    trials = pd.DataFrame([{"trial_id": _trial_id(r), "path": r.path, "error": rc.last_line(r.error),
                             **{k: (r.config or {}).get(k) for k in searched}} for r in grid])
     t = trials.merge(df, on="trial_id", how="left") if "trial_id" in df else trials
     for column in METRICS:  # absent when no trial reported it
@@ -36,41 +36,49 @@ def results_table(grid, searched: tuple[str, ...], epochs: int):
     return t.rename(columns={"epoch": "epochs"}).sort_values("trial_id", ignore_index=True)
 
 
-def write_results(table, files: dict) -> None:
-    """results.parquet + results.csv (pyarrow) and accuracy.png (matplotlib Agg)."""
+def history_table(grid):
+    """One row per trial and epoch (trial_id, epoch, val_acc, train_loss), from each trial's
+    reported results in storage; a trial restarted after a crash keeps its last report of an
+    epoch."""
+    import pandas as pd
+
+    frames = []
+    for r in grid:
+        df = r.metrics_dataframe
+        if df is None or "epoch" not in df or "val_acc" not in df:
+            continue
+        df = df[["epoch", "val_acc", "train_loss"]].dropna(subset=["epoch"])
+        frames.append(df.assign(trial_id=_trial_id(r)).drop_duplicates("epoch", keep="last"))
+    cols = ["trial_id", "epoch", "val_acc", "train_loss"]
+    if not frames:
+        return pd.DataFrame(columns=cols)
+    return pd.concat(frames)[cols].sort_values(["trial_id", "epoch"], ignore_index=True)
+
+
+def write_results(table, history, files: dict, searched: tuple[str, ...], best: dict | None) -> None:
+    """results.parquet + results.csv + history.parquet (pyarrow), then the report."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
     f64, i64, s = pa.float64(), pa.int64(), pa.string()
-    schema = pa.schema([("trial_id", s), ("status", s), ("dropout", f64), ("lr", f64),
-                        ("width", f64), ("label_smoothing", f64), ("params", i64), ("epochs", i64),
-                        ("val_acc", f64), ("test_acc", f64), ("train_loss", f64),
-                        ("resumed_from_epoch", i64), ("node_id", s), ("error", s)])
+    schema = pa.schema([("trial_id", s), ("status", s), *[(k, f64) for k in searched],
+                        ("params", i64), ("epochs", i64), ("val_acc", f64), ("test_acc", f64),
+                        ("train_loss", f64), ("resumed_from_epoch", i64), ("node_id", s),
+                        ("error", s)])
     arrow = pa.Table.from_pandas(table[schema.names], schema=schema, preserve_index=False)
-    for key, write in (("results_parquet", pq.write_table), ("results_csv", pacsv.write_csv)):
+    hist = pa.Table.from_pandas(history, schema=pa.schema(
+        [("trial_id", s), ("epoch", i64), ("val_acc", f64), ("train_loss", f64)]), preserve_index=False)
+    for key, data, write in (("results_parquet", arrow, pq.write_table),
+                             ("results_csv", arrow, pacsv.write_csv),
+                             ("history_parquet", hist, pq.write_table)):
         buf = io.BytesIO()
-        write(arrow, buf)
+        write(data, buf)
         rc.write_bytes(files[key], buf.getvalue())
-    _plot(table, files["plot"])
+    import _search_report  # matplotlib only now
+
+    _search_report.write_report(table, history, files, searched, best)
 
 
-def _plot(table, dest: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for status, marker in (("ok", "o"), ("stopped", "x")):
-        pts = table[(table.status == status) & table.val_acc.notna()]
-        for ax, key in zip(axes, ("dropout", "lr")):
-            ax.scatter(pts[key], pts.val_acc, marker=marker, label=f"{status} ({len(pts)})")
-    axes[0].set(xlabel="dropout", ylabel="validation accuracy (last epoch)")
-    plotted = table[table.status.isin(("ok", "stopped")) & table.val_acc.notna()]
-    axes[1].set(xlabel="learning rate", xscale="log" if len(plotted) else "linear")  # log of nothing fails
-    axes[0].legend(loc="best")
-    fig.suptitle("c40 Ray Tune search (rejected and failed trials not shown)")
-    fig.tight_layout()
-    rc.save_figure(fig, dest)
-    plt.close(fig)
+def _trial_id(result) -> str:
+    return (result.metrics or {}).get("trial_id") or Path(result.path).name
