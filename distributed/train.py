@@ -5,7 +5,8 @@
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python distributed/train.py --num-workers 4 --config s3://BUCKET/c40/SEARCH/best_config.json
 
-Every worker runs the same `fit` as `c40 train`; Ray supplies rank, device, the DDP wrapper and
+Every worker runs the same `fit` as `c40 train`; Ray starts the process group (fit reads rank and
+world size from torch.distributed and wraps the model in DDP) and supplies the device and
 the checkpoint to resume from. `--batch-size` is GLOBAL (each of N workers trains on
 batch_size / N images per step), so results do not depend on N beyond BatchNorm statistics.
 Ray keeps the run in STORAGE/NAME (a folder every node sees, or a URI such as s3://...);
@@ -39,7 +40,7 @@ PLACEMENTS = ("auto", "PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD")
 
 
 def train_loop_per_worker(config: dict) -> dict:
-    """One DDP worker: `fit` with Ray's rank, device, model wrapper and checkpoint."""
+    """One DDP worker: `fit` in Ray's process group, on Ray's device, from Ray's checkpoint."""
     import torch.distributed as dist
 
     from c40.train import fit
@@ -54,9 +55,8 @@ def train_loop_per_worker(config: dict) -> dict:
         fault = config["fault"] if rank == min(1, world_size - 1) else None
         report = rc.create_reporter(ray.train.report, ray.train.Checkpoint, fault=fault,
                                     extra={"resumed_from_epoch": resumed_epoch})
-        result = fit(cfg, device=ray.train.torch.get_device(), rank=rank, world_size=world_size,
-                     wrap_model=ray.train.torch.prepare_model, report=report,
-                     resume_from=resume_from, progress=False)
+        result = fit(cfg, device=ray.train.torch.get_device(), report=report,
+                     resume_from=resume_from, progress=False)  # rank, DDP: from torch.distributed
     return {"test_acc": result.accuracy, "resumed_from_epoch": resumed_epoch, "node_ids": nodes}
 
 

@@ -82,22 +82,3 @@ def test_rank1_crash_resumes_from_last_checkpoint(ray_local, script, tiny_cifar,
     assert s["resumed_from_epoch"] == 1
     assert [m["epoch"] for m in s["history"]] == [1, 2, 3]
     assert "test_acc" in s["history"][-1]
-
-
-def test_one_worker_matches_two_workers(ray_local, script, two_workers, tiny_cifar, tmp_path):
-    """Same seed and GLOBAL batch (64): 1 worker x 64 vs 2 workers x 32 see the same images per
-    step (rank r takes every 2nd index of the same permutation) and DDP averages gradients, so
-    the runs match up to (a) BatchNorm statistics computed per rank over 32 instead of 64
-    images and (b) per-rank augmentation random streams. Not bit-identical, hence tolerances:
-    epoch-1 train loss within 0.05 (it is ~2.30; measured difference 0.007) and test accuracy
-    within 0.10 on 200 test images (measured: equal). At lr 0.4 the 8-step run overshoots and
-    the two losses were 4.5 vs 4.2, so the test uses a stable lr of 0.05."""
-    one = _train(script, tiny_cifar, tmp_path, "w1", "--num-workers", "1")
-    two = two_workers
-    assert one["per_worker_batch_size"] == 64 and one["global_batch_size"] == two["global_batch_size"]
-    h1, h2 = one["history"][0], two["history"][0]
-    assert h1["lr"] == pytest.approx(h2["lr"])  # same schedule: same number of steps
-    print(f"1 vs 2 workers: train_loss {h1['train_loss']:.4f} vs {h2['train_loss']:.4f}, "
-          f"test_acc {one['test_acc']:.4f} vs {two['test_acc']:.4f}")
-    assert abs(h1["train_loss"] - h2["train_loss"]) < 0.05, (h1, h2)
-    assert abs(one["test_acc"] - two["test_acc"]) < 0.10, (one["test_acc"], two["test_acc"])

@@ -113,8 +113,10 @@ class EpochStats:
 
 
 def _setup(cfg: TrainConfig, device: torch.device, rank: int, world_size: int,
-           wrap_model: Callable[[nn.Module], nn.Module] | None, resume_from) -> RunState:
+           resume_from) -> RunState:
     configure_backends(device, cfg.deterministic)  # before the first CUDA kernel
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # this process's GPU (NCCL, default-stream allocations)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -162,10 +164,17 @@ def _setup(cfg: TrainConfig, device: torch.device, rank: int, world_size: int,
             raise CheckpointError(f"{ckpt_path}: nothing to resume (the run stopped before its first "
                                   "epoch ended); start it again without --resume")
         _restore(run, load_checkpoint(ckpt_path), ckpt_path)  # to the CPU; state dicts move
-    run.net = wrap_model(model) if wrap_model else model
-    if cfg.compile:  # static shapes: one graph per resolution (24 px, then 32 px)
-        run.net = torch.compile(run.net, dynamic=False)
     return run
+
+
+def _wrap(run: RunState) -> None:
+    """What the step calls: DDP across ranks (gradients averaged, buffers broadcast from rank 0),
+    then torch.compile with static shapes (one graph per resolution: 24 px, then 32 px)."""
+    if run.world_size > 1:
+        run.net = nn.parallel.DistributedDataParallel(
+            run.model, device_ids=[run.device.index or 0] if run.device.type == "cuda" else None)
+    if run.cfg.compile:
+        run.net = torch.compile(run.net, dynamic=False)
 
 
 def _restore(run: RunState, state: dict, path: Path) -> None:
@@ -253,16 +262,21 @@ def evaluate_run(run: RunState, split: str = "test"):
     return evaluate(model, loader, run.classes, amp_dtype=run.amp, tta=run.cfg.tta)
 
 
-def fit(cfg: TrainConfig, *, device: torch.device | str | None = None, rank: int = 0,
-        world_size: int = 1, wrap_model: Callable[[nn.Module], nn.Module] | None = None,
+def fit(cfg: TrainConfig, *, device: torch.device | str | None = None,
         report: ReportFn | None = None, resume_from: str | Path | None = None,
         progress: bool = True) -> FitResult:
     """Train `cfg` and return the final test accuracy.
 
-    rank/world_size/wrap_model let Ray Train run the same loop under DDP; `report(metrics,
-    checkpoint_path)` is called every epoch (checkpoint_path on rank 0 only, else None). Only
-    rank 0 evaluates: other ranks' metrics carry no test/val numbers, their accuracy is NaN.
+    Under `torch.distributed` (Ray Train starts the process group) each process trains its
+    rank's shard of every batch and the model is wrapped in DDP here. `device`: where this
+    process trains (default: `cfg.device`). `report(metrics, checkpoint_path)` is called every
+    epoch (checkpoint_path on rank 0 only, else None). Only rank 0 evaluates and writes OUT:
+    other ranks' metrics carry no test/val numbers, their accuracy is NaN. `resume_from`: a
+    checkpoint file to continue (what `cfg.resume` means for OUT/checkpoint.pt).
     """
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
+    world_size = torch.distributed.get_world_size() if distributed else 1
     t_start = time.perf_counter()
     device = resolve_device(cfg.device) if device is None else torch.device(device)
     out = Path(cfg.out)
@@ -270,7 +284,8 @@ def fit(cfg: TrainConfig, *, device: torch.device | str | None = None, rank: int
     if rank == 0:
         prepare_out_dir(out, resume=cfg.resume or resume_from is not None)
     try:
-        run = _setup(cfg, device, rank, world_size, wrap_model, resume_from)
+        run = _setup(cfg, device, rank, world_size, resume_from)
+        _wrap(run)
     except BaseException:
         if created and not any(out.iterdir()):  # bad data, bad config: leave nothing behind
             out.rmdir()
