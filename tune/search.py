@@ -69,11 +69,18 @@ def train_trial(config: dict, base: dict, fault: dict | None) -> None:
             tune.report({"rejected": True, "params": params, "val_acc": math.nan})
             return
         resume_from, resumed_epoch = rc.restore(tune.get_checkpoint(), Path(work))
-        first_trial = tune.get_context().get_trial_id().endswith("_00000")  # the fault's victim
-        report = rc.create_reporter(tune.report, tune.Checkpoint, fault=fault if first_trial else None,
+        report = rc.create_reporter(tune.report, tune.Checkpoint,
+                                    fault=fault if fault and _trial_number() == fault["victim"] else None,
                                     extra={"rejected": False, "params": params,
                                            "resumed_from_epoch": resumed_epoch})
         fit(cfg, report=report, resume_from=resume_from, progress=False)
+
+
+def _trial_number() -> str:
+    """The trial's number in the search, from its folder name TRIALNAME_NUMBER_values_date:
+    0, 1, ... under random search, 1, 2, ... under a searcher (whose trial ids are opaque)."""
+    ctx = tune.get_context()
+    return Path(ctx.get_trial_dir()).name.removeprefix(f"{ctx.get_trial_name()}_").split("_")[0]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,6 +157,12 @@ def resolve_device(args: argparse.Namespace, base: TrainConfig) -> tuple[TrainCo
     return base, resources
 
 
+def _fault(args: argparse.Namespace) -> dict | None:
+    """Tests: the fault injection, aimed at the search's first trial."""
+    fault = rc.fault_settings(args.run)
+    return fault and {**fault, "victim": "0" if args.search == "random" else "1"}
+
+
 def search(args: argparse.Namespace, base: TrainConfig, param_space: dict | None = None) -> dict:
     """Run (or resume) the search; writes the results files and the report; returns the summary."""
     t0 = time.perf_counter()
@@ -157,7 +170,7 @@ def search(args: argparse.Namespace, base: TrainConfig, param_space: dict | None
         ray.init(address=args.address)
     base, resources = resolve_device(args, base)
     trainable = tune.with_resources(tune.with_parameters(
-        train_trial, base=base.to_dict(), fault=rc.fault_settings(args.run)), resources)
+        train_trial, base=base.to_dict(), fault=_fault(args)), resources)
     if tune.Tuner.can_restore(args.run):
         print(f"resuming the search in {args.run}", flush=True)
         tuner = tune.Tuner.restore(args.run, trainable=trainable, resume_errored=True)
