@@ -99,13 +99,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Train
 
 def train(args: argparse.Namespace, cfg: TrainConfig) -> dict:
     """Train `cfg` with Ray Train, copy the final checkpoint to OUT; returns a summary dict."""
-    from c40.model import count_params, create_model
-    from c40.train import PARAM_LIMIT
+    from c40.model import check_param_limit
 
-    params = count_params(create_model(cfg.arch, dropout=cfg.dropout, width=cfg.width))
-    if params >= PARAM_LIMIT:  # fail here in one line, not in every worker after start-up
-        raise C40Error(f"{cfg.arch} at width {cfg.width} has {params:,} trainable parameters; "
-                       f"the limit is < {PARAM_LIMIT:,}")
+    params = check_param_limit(cfg.arch, cfg.width)  # here in one line, not in every worker
     t0 = time.perf_counter()
     if not ray.is_initialized():
         ray.init(address=args.address)

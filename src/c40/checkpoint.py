@@ -13,8 +13,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from c40.errors import CheckpointError
+from c40.errors import CheckpointError, ConfigError
 from c40.files import atomic_path
+from c40.precision import amp_name
 
 FORMAT_VERSION = 1
 # what a released (weights-only) checkpoint keeps: enough to evaluate, report and predict
@@ -130,3 +131,49 @@ def provenance() -> dict:
         commit = ""
     return {"c40_commit": commit or None, "c40": c40.__version__, "torch": str(torch.__version__),
             "numpy": np.__version__, "python": platform.python_version()}
+
+
+# ------------------------------------------------------------------ a training run's state
+# A resumed run continues the saved optimizer and schedule: their state would silently override
+# a changed lr/momentum/weight decay, and a changed step count crashes OneCycleLR at the end.
+RESUME_MUST_MATCH = ("arch", "width", "epochs", "batch_size", "subset", "val_split", "lr",
+                     "schedule", "warmup", "momentum", "nesterov", "weight_decay")
+
+
+def restore_run(run, state: dict, path: Path) -> None:
+    """A `c40.train.RunState` continued from a checkpoint: weights, EMA, optimizer (keeping this
+    run's kernels), schedule, loss scale, RNG, epoch and history; a changed schedule is an error."""
+    saved = state["config"]
+    for key in RESUME_MUST_MATCH:
+        if saved.get(key) != getattr(run.cfg, key):
+            raise ConfigError(f"{path}: checkpoint has {key}={saved.get(key)!r} but this run asks "
+                              f"for {getattr(run.cfg, key)!r} (a resumed run keeps its schedule: "
+                              "use the same value, or a new --out)")
+    load_weights(run.model, state["model"], str(path))
+    if run.ema is not None and state.get("ema"):
+        load_weights(run.ema.module, state["ema"], str(path))
+        run.ema.n_averaged = int(state.get("ema_n", 1))
+    impl = [{k: g.get(k) for k in ("fused", "foreach")} for g in run.opt.param_groups]
+    run.opt.load_state_dict(state["optimizer"])
+    for group, keep in zip(run.opt.param_groups, impl):  # this run's kernels, not the saved run's
+        group.update(keep)
+    run.sched.load_state_dict(state["scheduler"])
+    restore_scaler(run.scaler, state.get("scaler"))
+    restore_rng(state["rng"], run.device)
+    run.start_epoch, run.step = state["epoch"], state["step"]
+    run.history = list(state.get("history", []))
+
+
+def run_state(run, epoch: int) -> dict:
+    """Everything a `c40.train.RunState` needs to continue after `epoch`, and what made it."""
+    return {
+        "model": run.model.state_dict(),
+        "ema": run.ema.state_dict() if run.ema is not None else None,
+        "ema_n": run.ema.n_averaged if run.ema is not None else 0,
+        "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
+        "scaler": run.scaler.state_dict(), "rng": capture_rng(run.device),
+        "epoch": epoch, "step": run.step, "config": run.cfg.to_dict(),
+        "amp": amp_name(run.amp), "device": run.device.type, "provenance": provenance(),
+        "params": run.params, "classes": list(run.classes),
+        "mean": list(run.mean), "std": list(run.std), "history": run.history,
+    }

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+PARAM_LIMIT = 200_000  # the assignment's limit: trainable parameters must stay below it
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -33,6 +34,18 @@ def create_model(arch: str, *, dropout: float = 0.0, width: float = 1.0,
 def count_params(model: nn.Module) -> int:
     """Trainable parameters (the assignment's < 200,000 limit)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def check_param_limit(arch: str, width: float = 1.0, num_classes: int = 10) -> int:
+    """The trainable parameters of `arch` at `width`; a ConfigError at or over the limit. The one
+    place the rule is checked (c40 train, Ray Train's driver and Tune's guard call it)."""
+    from c40.errors import ConfigError
+
+    params = count_params(create_model(arch, width=width, num_classes=num_classes))
+    if params >= PARAM_LIMIT:
+        raise ConfigError(f"{arch} at width {width} has {params:,} trainable parameters; "
+                          f"the limit is < {PARAM_LIMIT:,}")
+    return params
 
 
 def _ch(c: int, width: float) -> int:

@@ -23,27 +23,20 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from c40.checkpoint import (capture_rng, load_checkpoint, load_weights, provenance, restore_rng,
-                            restore_scaler, save_checkpoint)
+from c40.checkpoint import load_checkpoint, restore_run, run_state, save_checkpoint
 from c40.config import TrainConfig
 from c40.data import channel_stats, load_dataset, resolve_data_root
 from c40.ema import EMA
-from c40.errors import CheckpointError, ConfigError, TrainingDiverged
+from c40.errors import CheckpointError, TrainingDiverged
 from c40.evaluate import evaluate
 from c40.files import prepare_out_dir, write_text
 from c40.loaders import LoaderSpec, TensorLoader, create_loader
-from c40.model import count_params, create_model
+from c40.model import PARAM_LIMIT, check_param_limit, create_model  # noqa: F401 (PARAM_LIMIT: re-exported)
 from c40.optim import create_optimizer, create_scheduler
-from c40.precision import (amp_name, autocast, configure_backends, keep_depthwise_fp32,
-                           resolve_amp, resolve_device)
+from c40.precision import autocast, configure_backends, keep_depthwise_fp32, resolve_amp, resolve_device
 
-PARAM_LIMIT = 200_000  # the assignment's limit on trainable parameters
 SYNC_EVERY = 10        # steps between the loop's host reads (NaN guard, progress bar)
 ReportFn = Callable[[dict, "Path | None"], None]
-# A resumed run continues the saved optimizer and schedule: their state would silently override
-# a changed lr/momentum/weight decay, and a changed step count crashes OneCycleLR at the end.
-RESUME_MUST_MATCH = ("arch", "width", "epochs", "batch_size", "subset", "val_split", "lr",
-                     "schedule", "warmup", "momentum", "nesterov", "weight_decay")
 
 
 @dataclass
@@ -71,7 +64,7 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.op
 
 @dataclass
 class RunState:
-    """Everything one `fit` call trains with; built by `_setup`, saved by `_checkpoint_state`."""
+    """Everything one `fit` call trains with; built by `_setup`, saved by `checkpoint.run_state`."""
     cfg: TrainConfig
     device: torch.device
     rank: int
@@ -129,10 +122,7 @@ def _setup(cfg: TrainConfig, device: torch.device, rank: int, world_size: int,
     mean, std = channel_stats(train.images)
     model = create_model(cfg.arch, dropout=cfg.dropout, width=cfg.width,
                          num_classes=len(train.classes))
-    params = count_params(model)
-    if params >= PARAM_LIMIT:
-        raise ConfigError(f"{cfg.arch} at width {cfg.width} has {params:,} trainable parameters; "
-                          f"the limit is < {PARAM_LIMIT:,}")
+    params = check_param_limit(cfg.arch, cfg.width, len(train.classes))
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=fmt)
     per_rank = max(1, cfg.batch_size // world_size)
@@ -163,7 +153,7 @@ def _setup(cfg: TrainConfig, device: torch.device, rank: int, world_size: int,
         if resume_from is None and not ckpt_path.is_file():
             raise CheckpointError(f"{ckpt_path}: nothing to resume (the run stopped before its first "
                                   "epoch ended); start it again without --resume")
-        _restore(run, load_checkpoint(ckpt_path), ckpt_path)  # to the CPU; state dicts move
+        restore_run(run, load_checkpoint(ckpt_path), ckpt_path)  # to the CPU; state dicts move
     return run
 
 
@@ -175,42 +165,6 @@ def _wrap(run: RunState) -> None:
             run.model, device_ids=[run.device.index or 0] if run.device.type == "cuda" else None)
     if run.cfg.compile:
         run.net = torch.compile(run.net, dynamic=False)
-
-
-def _restore(run: RunState, state: dict, path: Path) -> None:
-    saved = state["config"]
-    for key in RESUME_MUST_MATCH:
-        if saved.get(key) != getattr(run.cfg, key):
-            raise ConfigError(f"{path}: checkpoint has {key}={saved.get(key)!r} but this run asks "
-                              f"for {getattr(run.cfg, key)!r} (a resumed run keeps its schedule: "
-                              "use the same value, or a new --out)")
-    load_weights(run.model, state["model"], str(path))
-    if run.ema is not None and state.get("ema"):
-        load_weights(run.ema.module, state["ema"], str(path))
-        run.ema.n_averaged = int(state.get("ema_n", 1))
-    impl = [{k: g.get(k) for k in ("fused", "foreach")} for g in run.opt.param_groups]
-    run.opt.load_state_dict(state["optimizer"])
-    for group, keep in zip(run.opt.param_groups, impl):  # this run's kernels, not the saved run's
-        group.update(keep)
-    run.sched.load_state_dict(state["scheduler"])
-    restore_scaler(run.scaler, state.get("scaler"))
-    restore_rng(state["rng"], run.device)
-    run.start_epoch, run.step = state["epoch"], state["step"]
-    run.history = list(state.get("history", []))
-
-
-def _checkpoint_state(run: RunState, epoch: int) -> dict:
-    return {
-        "model": run.model.state_dict(),
-        "ema": run.ema.state_dict() if run.ema is not None else None,
-        "ema_n": run.ema.n_averaged if run.ema is not None else 0,
-        "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
-        "scaler": run.scaler.state_dict(), "rng": capture_rng(run.device),
-        "epoch": epoch, "step": run.step, "config": run.cfg.to_dict(),
-        "amp": amp_name(run.amp), "device": run.device.type, "provenance": provenance(),
-        "params": run.params, "classes": list(run.classes),
-        "mean": list(run.mean), "std": list(run.std), "history": run.history,
-    }
 
 
 def train_batch(run: RunState, x: torch.Tensor, y: torch.Tensor, stats: EpochStats,
@@ -310,7 +264,7 @@ def fit(cfg: TrainConfig, *, device: torch.device | str | None = None,
             run.history.append(metrics)
             ckpt = None
             if rank == 0:
-                ckpt = save_checkpoint(_checkpoint_state(run, epoch + 1), out / "checkpoint.pt")
+                ckpt = save_checkpoint(run_state(run, epoch + 1), out / "checkpoint.pt")
                 write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in run.history))
                 tqdm.write(_epoch_line(metrics)) if progress else print(_epoch_line(metrics), flush=True)
             if report is not None:
