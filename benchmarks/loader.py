@@ -3,6 +3,9 @@
   (a) baseline: torch DataLoader, per-sample albumentations Compose (with Normalize) in
       `Dataset.__getitem__` returning a CHW float tensor, default collate, N workers
   (b) c40.cpu_loader.AlbumentationsLoader, N workers (the same albumentations pipeline)
+  (b') torch DataLoader over a dataset of whole batches (batch_size=None, pinned on CUDA), each
+      made as (b)'s workers make it: the same per-image pipeline and batch normalisation, so
+      (b) vs (b') measures only c40's own worker pool and shared-memory ring
   (c) c40.loaders.TensorLoader on CPU tensors (batch tensor augmentations)
   (d) TensorLoader on CUDA, when a GPU is present
 
@@ -24,10 +27,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import machine_info, non_negative, positive, run_and_emit  # noqa: E402
 
 from c40.augment import create_albumentations  # noqa: E402
-from c40.cpu_loader import AlbumentationsLoader  # noqa: E402
+from c40.cpu_loader import AlbumentationsLoader, _fill_batch, _numpy_norm, _seed_batch  # noqa: E402
 from c40.data import channel_stats, load_cifar10, resolve_data_root  # noqa: E402
 from c40.errors import C40Error  # noqa: E402
-from c40.loaders import LoaderSpec, TensorLoader  # noqa: E402
+from c40.loaders import LoaderSpec, TensorLoader, epoch_indices, num_batches  # noqa: E402
 
 
 class _AlbuDataset(torch.utils.data.Dataset):
@@ -43,6 +46,28 @@ class _AlbuDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         x = self.compose(image=self.images[i])["image"]            # (32, 32, 3) float32
         return torch.from_numpy(x.transpose(2, 0, 1)), int(self.labels[i])  # like ToTensorV2
+
+
+class _BatchDataset(torch.utils.data.Dataset):
+    """Item b = augmented, normalised batch b of an epoch, made like AlbumentationsLoader's workers."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, spec: LoaderSpec, epoch: int):
+        self.images, self.labels, self.spec, self.epoch = images, labels, spec, epoch
+        self.order = epoch_indices(len(labels), spec, epoch)
+        self.compose = create_albumentations(spec.mean, spec.std, spec.p, normalize=False,
+                                             flip_p=spec.flip_p)
+        self.norm = _numpy_norm(spec)
+
+    def __len__(self) -> int:
+        return num_batches(len(self.order), self.spec)
+
+    def __getitem__(self, b: int):
+        idx = self.order[b * self.spec.batch_size:(b + 1) * self.spec.batch_size]
+        scratch = np.empty((len(idx), *self.images.shape[1:]), np.uint8)
+        out = np.empty(scratch.shape, np.float32)
+        _seed_batch(self.compose, self.spec, self.epoch, b)
+        _fill_batch(self.compose, self.images, idx, out, scratch, self.norm)
+        return torch.from_numpy(out).permute(0, 3, 1, 2), torch.from_numpy(self.labels[idx])
 
 
 def _worker_init(_: int) -> None:
@@ -104,8 +129,9 @@ def run(args) -> dict:
     device = torch.device("cuda" if cuda else "cpu")
     k, b = args.batches, args.batch_size
     ds = _AlbuDataset(data.images, data.labels, mean, std, args.p)
-    samples: dict[str, list[float]] = {"baseline_img_s": [], "cpu_loader_img_s": [],
-                                       "tensor_cpu_img_s": [], "tensor_cuda_img_s": []}
+    samples: dict[str, list[float]] = {"baseline_img_s": [], "batch_dataloader_img_s": [],
+                                       "cpu_loader_img_s": [], "tensor_cpu_img_s": [],
+                                       "tensor_cuda_img_s": []}
     cpu_ms: dict[str, list[float]] = {key: [] for key in samples}
 
     def record(key: str, measured: tuple[float, float | None]) -> None:
@@ -125,6 +151,12 @@ def run(args) -> dict:
                                              worker_init_fn=_worker_init if args.workers else None)
             record("baseline_img_s", _measure(dl, k, b, device))
             del dl  # stops its workers before the next measurement
+            bl = torch.utils.data.DataLoader(_BatchDataset(data.images, data.labels, spec, r),
+                                             batch_size=None, num_workers=args.workers,
+                                             pin_memory=cuda,
+                                             worker_init_fn=_worker_init if args.workers else None)
+            record("batch_dataloader_img_s", _measure(bl, k, b, device))
+            del bl
             for loader in (al, tl, tg):
                 if loader is not None:
                     loader.set_epoch(r)
@@ -137,6 +169,8 @@ def run(args) -> dict:
         res["tensor_cuda_note"] = "skipped: torch.cuda.is_available() is False"
     base = res["baseline_img_s"]
     res["cpu_loader_vs_baseline"] = _ratio(res["cpu_loader_img_s"], base)
+    res["batch_dataloader_vs_baseline"] = _ratio(res["batch_dataloader_img_s"], base)
+    res["cpu_loader_vs_batch_dataloader"] = _ratio(res["cpu_loader_img_s"], res["batch_dataloader_img_s"])
     res["tensor_cpu_vs_baseline"] = _ratio(res["tensor_cpu_img_s"], base)
     res["tensor_cuda_vs_baseline"] = _ratio(res["tensor_cuda_img_s"], base)
     # CPU ms per image (main + workers): the cost the loader puts on the machine, load-independent
@@ -168,9 +202,11 @@ def _parse(argv=None) -> argparse.Namespace:
 
 
 def _print_summary(res: dict, args) -> None:
-    for k in ("baseline_img_s", "cpu_loader_img_s", "tensor_cpu_img_s", "tensor_cuda_img_s"):
+    for k in ("baseline_img_s", "batch_dataloader_img_s", "cpu_loader_img_s", "tensor_cpu_img_s",
+              "tensor_cuda_img_s"):
         print(f"{k:>20}: {res[k] if res[k] is not None else 'skipped'}")
-    for k in ("cpu_loader_vs_baseline", "tensor_cpu_vs_baseline", "tensor_cuda_vs_baseline"):
+    for k in ("cpu_loader_vs_baseline", "cpu_loader_vs_batch_dataloader", "tensor_cpu_vs_baseline",
+              "tensor_cuda_vs_baseline"):
         print(f"{k:>24}: {res[k]}")
 
 

@@ -30,9 +30,9 @@ def test_loader_benchmark_json(data_dir, tmp_path):
     assert p.returncode == 0, p.stderr
     res = json.loads(p.stdout)
     assert json.loads(out.read_text()) == res
-    for k in ("baseline_img_s", "cpu_loader_img_s", "tensor_cpu_img_s"):
+    for k in ("baseline_img_s", "batch_dataloader_img_s", "cpu_loader_img_s", "tensor_cpu_img_s"):
         assert isinstance(res[k], float) and res[k] > 0, k
-    for k in ("cpu_loader_vs_baseline", "tensor_cpu_vs_baseline"):
+    for k in ("cpu_loader_vs_baseline", "cpu_loader_vs_batch_dataloader", "tensor_cpu_vs_baseline"):
         assert res[k] > 0, k
     cuda = res["tensor_cuda_img_s"]
     assert (cuda is None) == (res["tensor_cuda_vs_baseline"] is None)
