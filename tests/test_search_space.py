@@ -13,8 +13,7 @@ import _search_resources as res  # noqa: E402
 import _search_space as sp  # noqa: E402
 
 from c40.errors import C40Error  # noqa: E402
-from c40.model import count_params, create_model, list_models  # noqa: E402
-from c40.train import PARAM_LIMIT  # noqa: E402
+from c40.model import PARAM_LIMIT, count_params, create_model, list_models  # noqa: E402
 
 
 @pytest.mark.parametrize("arch", list_models())

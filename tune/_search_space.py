@@ -26,7 +26,7 @@ SEARCHERS = ("random", "optuna")
 def legal_widths(arch: str, low: float = 0.5, high: float = 4.0) -> list[float]:
     """Multiples of WIDTH_STEP in [low, high] whose `arch` model is under the parameter limit."""
     from c40.model import count_params, create_model
-    from c40.train import PARAM_LIMIT
+    from c40.model import PARAM_LIMIT
 
     first, last = math.ceil(low / WIDTH_STEP - 1e-9), math.floor(high / WIDTH_STEP + 1e-9)
     widths = [i * WIDTH_STEP for i in range(max(first, 1), last + 1)]

@@ -59,8 +59,8 @@ NOT_RETRAINED = ("out", "resume", "device", "data", "subset", "test_subset", "va
 
 def train_trial(config: dict, base: dict, fault: dict | None) -> None:
     """One Tune trial: the base TrainConfig with the sampled values, trained by `fit`."""
-    from c40.model import count_params, create_model
-    from c40.train import PARAM_LIMIT, fit
+    from c40.model import PARAM_LIMIT, count_params, create_model
+    from c40.train import fit
 
     with tempfile.TemporaryDirectory(prefix="c40-trial-") as work:
         cfg = TrainConfig(**{**base, **config, "out": str(Path(work) / "out"), "resume": False})
