@@ -158,7 +158,8 @@ def test_search_runs_on_worker_nodes_resumes_a_killed_trial_from_s3(cluster, s3,
     killed = [r for r in rows if r["resumed_from_epoch"]]  # trial ids are opaque under Optuna
     assert len(killed) == 1 and killed[0]["resumed_from_epoch"] == 1 and killed[0]["epochs"] == 2, rows
     assert fs.get_file_info(f"{run}/.c40-fault-injected").is_file
-    for name in ("results.csv", "accuracy.png", "best_config.json"):
+    for name in ("results.csv", "history.parquet", "accuracy.png", "parallel.png", "epochs.png",
+                 "REPORT.md", "best_config.json"):  # the report in the bucket too
         assert fs.get_file_info(f"{run}/{name}").size > 0, name
     trials = [i.path for i in fs.get_file_info(pafs.FileSelector(run)) if i.type == pafs.FileType.Directory]
     assert len(trials) == 2  # each trial folder has Tune's TensorBoard events, for --logdir
