@@ -97,3 +97,18 @@ def test_a_request_nothing_can_hold_is_an_error_and_an_autoscaler_node_type_wait
     assert "GPU 0.5" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(C40Error, match="cpus-per-trial"):
         res.check_fits(res.trial_resources("cpu", 3.0, None), [CPU_NODE], [{"CPU": 2.0}])
+
+
+def test_on_a_ray_up_head_a_gpu_search_waits_for_the_autoscalers_gpu_nodes(tmp_path):
+    """The README's cluster walk: the head (0 CPUs) runs the driver, GPU workers scale from 0.
+    The launcher's config on the head is cluster.yaml as `ray up` copies it."""
+    bootstrap = tmp_path / "ray_bootstrap_config.yaml"
+    bootstrap.write_text((Path(__file__).resolve().parents[1] / "cluster.yaml").read_text())
+    types = res.launcher_node_types(str(bootstrap))
+    assert types == [{"CPU": 4, "GPU": 1}, {"CPU": 48, "GPU": 4}]  # the head's type has 0 workers
+    head = [{"CPU": 0.0, "memory": 1e9}]
+    assert res.pick_device("auto", None, head, types) == ("cuda", "the autoscaler can start GPU nodes")
+    assert res.check_fits(res.trial_resources("cuda", 1.0, 0.25), head, types) == "waiting"
+    with pytest.raises(C40Error, match="or its autoscaler"):
+        res.check_fits(res.trial_resources("cuda", 64.0, 1.0), head, types)  # 48 CPUs at most
+    assert res.launcher_node_types(str(tmp_path / "absent.yaml")) == []
