@@ -31,7 +31,7 @@ from c40.errors import CheckpointError, TrainingDiverged
 from c40.evaluate import evaluate
 from c40.files import prepare_out_dir, write_text
 from c40.loaders import LoaderSpec, TensorLoader, create_loader
-from c40.model import PARAM_LIMIT, check_param_limit, create_model  # noqa: F401 (PARAM_LIMIT: re-exported)
+from c40.model import check_param_limit, create_model
 from c40.optim import create_optimizer, create_scheduler
 from c40.precision import autocast, configure_backends, keep_depthwise_fp32, resolve_amp, resolve_device
 
