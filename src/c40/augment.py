@@ -120,7 +120,7 @@ class AugmentPlan:
     holes: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor to `device` without stalling it: pinned, then an asynchronous copy."""
     if device.type != "cuda":
         return t.to(device)
@@ -151,9 +151,9 @@ def plan_augment(b: int, h: int, w: int, gen: torch.Generator, device, p: float 
     theta[:, 0] *= 1 - 2 * flip[first].to(theta.dtype)[:, None]  # mirrored input: negate x_in
     rows = np.flatnonzero(cut.numpy()[order])                      # output rows with a hole
     src = torch.from_numpy(order[rows])
-    holes = tuple(_to_device(t, device) for t in (torch.from_numpy(rows), y0[src], x0[src]))
-    return AugmentPlan(_to_device(torch.from_numpy(order), device), n_affine, n_flip,
-                       _to_device(theta, device), holes)
+    holes = tuple(to_device(t, device) for t in (torch.from_numpy(rows), y0[src], x0[src]))
+    return AugmentPlan(to_device(torch.from_numpy(order), device), n_affine, n_flip,
+                       to_device(theta, device), holes)
 
 
 def apply_augment_(x: torch.Tensor, plan: AugmentPlan, fill: torch.Tensor) -> torch.Tensor:

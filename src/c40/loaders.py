@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from c40.augment import apply_augment_, mean_fill, normalize_constants, plan_augment
+from c40.augment import apply_augment_, mean_fill, normalize_constants, plan_augment, to_device
 
 
 @dataclass
@@ -80,11 +80,9 @@ class TensorLoader:
     def __init__(self, images: np.ndarray, labels: np.ndarray, spec: LoaderSpec,
                  device: torch.device | str = "cpu"):
         self.spec, self.device = spec, torch.device(device)
-        pin = self.device.type == "cuda"
         x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8))  # (N, H, W, 3)
-        self.images = (x.pin_memory() if pin else x).to(self.device, non_blocking=pin)
-        y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-        self.labels = (y.pin_memory() if pin else y).to(self.device, non_blocking=pin)
+        self.images = to_device(x, self.device)
+        self.labels = to_device(torch.from_numpy(np.asarray(labels, dtype=np.int64)), self.device)
         scale, shift = normalize_constants(spec.mean, spec.std)         # (3,) each
         self.scale, self.shift = scale.to(self.device), shift.to(self.device)
         fill = torch.tensor(mean_fill(spec.mean), dtype=torch.float32)  # pixel values

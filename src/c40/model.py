@@ -36,12 +36,13 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def check_param_limit(arch: str, width: float = 1.0, num_classes: int = 10) -> int:
-    """The trainable parameters of `arch` at `width`; a ConfigError at or over the limit. The one
-    place the rule is checked (c40 train, Ray Train's driver and Tune's guard call it)."""
+def check_param_limit(arch: str, width: float = 1.0, *, model: nn.Module | None = None) -> int:
+    """The trainable parameters of `arch` at `width` (of `model` when it is already built); a
+    ConfigError at or over the limit. The one place the rule is checked (c40 train and Ray
+    Train's driver call it)."""
     from c40.errors import ConfigError
 
-    params = count_params(create_model(arch, width=width, num_classes=num_classes))
+    params = count_params(model if model is not None else create_model(arch, width=width))
     if params >= PARAM_LIMIT:
         raise ConfigError(f"{arch} at width {width} has {params:,} trainable parameters; "
                           f"the limit is < {PARAM_LIMIT:,}")

@@ -122,7 +122,7 @@ def _setup(cfg: TrainConfig, device: torch.device, rank: int, world_size: int,
     mean, std = channel_stats(train.images)
     model = create_model(cfg.arch, dropout=cfg.dropout, width=cfg.width,
                          num_classes=len(train.classes))
-    params = check_param_limit(cfg.arch, cfg.width, len(train.classes))
+    params = check_param_limit(cfg.arch, cfg.width, model=model)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=fmt)
     per_rank = max(1, cfg.batch_size // world_size)
