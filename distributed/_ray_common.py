@@ -39,8 +39,14 @@ STORAGE_ENV = "C40_STORAGE"
 IN_RAY_JOB = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
 
 
-def add_ray_flags(parser: argparse.ArgumentParser, default_storage: str) -> argparse._ArgumentGroup:
-    """The flags both scripts share; returns the group so a script can add its own."""
+def script_parser(doc: str, default_storage: str) -> tuple[argparse.ArgumentParser, argparse._ArgumentGroup]:
+    """A script's parser: one flag per TrainConfig field, `--config`, and the Ray flags both
+    scripts share; returns the parser and the Ray group, where the script adds its own."""
+    from c40.config import add_config_flags, non_negative_int
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_flags(parser)
     g = parser.add_argument_group("Ray")
     g.add_argument("--cpu", action="store_true",
                    help="train on CPUs (default: GPUs; tune/search.py: --device auto)")
@@ -50,17 +56,36 @@ def add_ray_flags(parser: argparse.ArgumentParser, default_storage: str) -> argp
                         f"{default_storage}; a relative folder is refused under ray job submit)")
     g.add_argument("--name", default=None,
                    help="run name (default: timestamped); an existing name resumes that run")
-    g.add_argument("--max-failures", type=int, default=1,
+    g.add_argument("--max-failures", type=non_negative_int, default=1,
                    help="restarts from the last checkpoint after a worker/trial dies (spot nodes)")
     g.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or local)")
     g.add_argument("--json", action="store_true", help="print one JSON object at the end")
-    return g
+    return parser, g
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None, *, refused: tuple[str, ...],
+               hint: str) -> argparse.Namespace:
+    """Parse `argv`; TrainConfig flags in `refused` (which Ray decides) exit with `hint`."""
+    args = parser.parse_args(argv)
+    given = ["--" + name.replace("_", "-") for name in refused if getattr(args, name)]
+    if given:
+        parser.error(f"{'/'.join(given)} does not apply here: {hint}")
+    return args
+
+
+def run_script(prog: str, parse_args, work, argv: list[str] | None):
+    """`work(*parse_args(argv))` -> (args, summary); a C40Error prints one line `prog: error: ...`
+    and gives None (exit status 2)."""
+    try:
+        args, cfg = parse_args(argv)
+        return args, work(args, cfg)
+    except C40Error as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return None
 
 
 def check_ray_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Shared checks; makes --storage and --data locations every node can use (argparse errors)."""
-    if args.max_failures < 0:
-        parser.error("--max-failures must be >= 0")
     try:
         args.storage = location(args.storage, "--storage")
         args.data = data_location(args.data)
@@ -172,16 +197,18 @@ def copy_from_checkpoint(checkpoint, name: str, dest: str) -> str | None:
         return write_bytes(dest, f.read())
 
 
-def restore(checkpoint, work: Path) -> tuple[str | None, int]:
-    """The checkpoint Ray hands a restarted worker/trial -> (local checkpoint.pt, its epoch);
-    (None, 0) on a fresh start. Only checkpoint.pt is downloaded."""
+def restore(checkpoint, out: Path) -> int:
+    """Put the checkpoint Ray hands a restarted worker/trial at OUT/checkpoint.pt, where
+    `fit(cfg)` with `cfg.resume` continues it; returns its epoch (0 on a fresh start: nothing
+    written). Only checkpoint.pt is downloaded."""
     if checkpoint is None:
-        return None, 0
+        return 0
     from c40.checkpoint import load_checkpoint
 
-    local = work / "resume.pt"
+    out.mkdir(parents=True, exist_ok=True)
+    local = out / "checkpoint.pt"
     local.write_bytes(read_bytes_fs(checkpoint.filesystem, f"{checkpoint.path}/checkpoint.pt"))
-    return str(local), int(load_checkpoint(local)["epoch"])
+    return int(load_checkpoint(local)["epoch"])
 
 
 def read_bytes_fs(fs: pafs.FileSystem, path: str) -> bytes:

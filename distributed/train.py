@@ -33,7 +33,7 @@ import ray.train  # noqa: E402
 import ray.train.torch  # noqa: E402
 from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
 
-from c40.config import TrainConfig, add_config_flags, config_from_args  # noqa: E402
+from c40.config import TrainConfig, config_from_args, positive_float, positive_int  # noqa: E402
 from c40.errors import C40Error  # noqa: E402
 
 PLACEMENTS = ("auto", "PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD")
@@ -50,44 +50,22 @@ def train_loop_per_worker(config: dict) -> dict:
     nodes = [None] * world_size  # where each rank runs: the summary says how the run spread
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     with tempfile.TemporaryDirectory(prefix=f"c40-rank{rank}-") as work:
-        cfg = TrainConfig(**{**config["cfg"], "out": str(Path(work) / "out"), "resume": False})
-        resume_from, resumed_epoch = rc.restore(ray.train.get_checkpoint(), Path(work))
+        out = Path(work) / "out"
+        resumed_epoch = rc.restore(ray.train.get_checkpoint(), out)
+        cfg = TrainConfig(**{**config["cfg"], "out": str(out), "resume": resumed_epoch > 0})
         fault = config["fault"] if rank == min(1, world_size - 1) else None
         report = rc.create_reporter(ray.train.report, ray.train.Checkpoint, fault=fault,
                                     extra={"resumed_from_epoch": resumed_epoch})
         result = fit(cfg, device=ray.train.torch.get_device(), report=report,
-                     resume_from=resume_from, progress=False)  # rank, DDP: from torch.distributed
+                     progress=False)  # rank, DDP: from torch.distributed
     return {"test_acc": result.accuracy, "resumed_from_epoch": resumed_epoch, "node_ids": nodes}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_flags(p)  # --epochs, --subset, --batch-size (global), --lr, --arch, --out, ...
-    g = rc.add_ray_flags(p, default_storage="runs/ray")
-    g.add_argument("--num-workers", type=int, default=1, help="training workers (one per GPU)")
-    g.add_argument("--cpus-per-worker", type=float, default=None,
-                   help="CPUs reserved per worker (default: 1, or less so all workers fit; "
-                        "fractional values are allowed)")
-    g.add_argument("--placement", choices=PLACEMENTS, default="auto",
-                   help="placement of the workers (auto: STRICT_PACK on GPUs, so NCCL stays "
-                        "inside one node; PACK on CPUs); PACK or SPREAD when no node has "
-                        "--num-workers GPUs")
-    g.add_argument("--keep", type=int, default=2, help="checkpoints kept in storage")
-    return p
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, TrainConfig]:
     """Flags -> (Ray options, TrainConfig); bad values exit with argparse's one-line error."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.resume or args.device:
-        parser.error("--resume/--device do not apply here: rerun with the same --name to resume, "
-                     "use --cpu for CPU workers")
-    if args.num_workers < 1 or args.keep < 1:
-        parser.error("--num-workers and --keep must be >= 1")
-    if args.cpus_per_worker is not None and args.cpus_per_worker <= 0:
-        parser.error("--cpus-per-worker must be > 0")
+    args = rc.parse_args(parser, argv, refused=("resume", "device"),
+                         hint="rerun with the same --name to resume, use --cpu for CPU workers")
     rc.check_ray_args(parser, args)
     if args.placement == "auto":
         args.placement = "PACK" if args.cpu else "STRICT_PACK"
@@ -95,6 +73,21 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Train
     args.run = f"{args.storage}/{args.name}"
     args.out = rc.location(args.out, "--out") if args.out else args.run
     return args, config_from_args(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # TrainConfig's flags: --epochs, --subset, --batch-size (global), --lr, --arch, --out, ...
+    p, g = rc.script_parser(__doc__, default_storage="runs/ray")
+    g.add_argument("--num-workers", type=positive_int, default=1, help="training workers (one per GPU)")
+    g.add_argument("--cpus-per-worker", type=positive_float, default=None,
+                   help="CPUs reserved per worker (default: 1, or less so all workers fit; "
+                        "fractional values are allowed)")
+    g.add_argument("--placement", choices=PLACEMENTS, default="auto",
+                   help="placement of the workers (auto: STRICT_PACK on GPUs, so NCCL stays "
+                        "inside one node; PACK on CPUs); PACK or SPREAD when no node has "
+                        "--num-workers GPUs")
+    g.add_argument("--keep", type=positive_int, default=2, help="checkpoints kept in storage")
+    return p
 
 
 def train(args: argparse.Namespace, cfg: TrainConfig) -> dict:
@@ -145,12 +138,10 @@ def train(args: argparse.Namespace, cfg: TrainConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args, cfg = parse_args(argv)
-        summary = train(args, cfg)
-    except C40Error as e:
-        print(f"distributed/train.py: error: {e}", file=sys.stderr)
+    done = rc.run_script("distributed/train.py", parse_args, train, argv)
+    if done is None:
         return 2
+    args, summary = done
     if args.json:
         print(json.dumps(summary))
     else:

@@ -11,22 +11,15 @@ import math
 
 import _ray_common as rc
 
+from c40.report import figure
+
 LOG_SCALE = ("lr", "weight_decay")
 TRAINED = ("ok", "stopped")
 
 
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def plot_vs_hyperparameters(table, searched: tuple[str, ...], dest: str) -> str:
     """Validation accuracy at each trial's last epoch against each searched value."""
-    fig = _figure(3 * len(searched), 3.2)
+    fig = figure(3 * len(searched), 3.2)
     axes = fig.subplots(1, len(searched), sharey=True)
     for ax, key in zip(axes, searched):
         for status, marker in (("ok", "o"), ("stopped", "x")):
@@ -55,7 +48,7 @@ def plot_parallel(table, searched: tuple[str, ...], dest: str) -> str:
 
     t = table[table.status.isin(TRAINED) & table.val_acc.notna()]
     axes_keys = [*searched, "val_acc"]
-    fig = _figure(1.6 * len(axes_keys) + 1.5, 4)
+    fig = figure(1.6 * len(axes_keys) + 1.5, 4)
     ax = fig.subplots()
     norm = Normalize(t.val_acc.min(), t.val_acc.max()) if len(t) else Normalize(0, 1)
     cmap = colormaps["viridis"]
@@ -88,7 +81,7 @@ def _unit_axis(values, log: bool) -> tuple[list[float], tuple[float, float]]:
 
 def plot_epochs(table, history, dest: str) -> str:
     """Validation accuracy per epoch of every trained trial; an x where ASHA stopped one."""
-    fig = _figure(7, 4.2)
+    fig = figure(7, 4.2)
     ax = fig.subplots()
     status = dict(zip(table.trial_id, table.status))
     for trial_id, h in history.groupby("trial_id", sort=True):

@@ -48,7 +48,7 @@ import ray  # noqa: E402
 from ray import tune  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 
-from c40.config import TrainConfig, add_config_flags, config_from_args  # noqa: E402
+from c40.config import TrainConfig, config_from_args, positive_float, positive_int  # noqa: E402
 from c40.errors import C40Error  # noqa: E402
 
 SEARCHED = space_.SEARCHED
@@ -63,17 +63,19 @@ def train_trial(config: dict, base: dict, fault: dict | None) -> None:
     from c40.train import fit
 
     with tempfile.TemporaryDirectory(prefix="c40-trial-") as work:
-        cfg = TrainConfig(**{**base, **config, "out": str(Path(work) / "out"), "resume": False})
+        out = Path(work) / "out"
+        cfg = TrainConfig(**{**base, **config, "out": str(out), "resume": False})
         params = count_params(create_model(cfg.arch, dropout=cfg.dropout, width=cfg.width))
         if params >= PARAM_LIMIT:  # a guard: the default space holds no such config
             tune.report({"rejected": True, "params": params, "val_acc": math.nan})
             return
-        resume_from, resumed_epoch = rc.restore(tune.get_checkpoint(), Path(work))
+        resumed_epoch = rc.restore(tune.get_checkpoint(), out)
+        cfg.resume = resumed_epoch > 0
         report = rc.create_reporter(tune.report, tune.Checkpoint,
                                     fault=fault if fault and _trial_number() == fault["victim"] else None,
                                     extra={"rejected": False, "params": params,
                                            "resumed_from_epoch": resumed_epoch})
-        fit(cfg, report=report, resume_from=resume_from, progress=False)
+        fit(cfg, report=report, progress=False)
 
 
 def _trial_number() -> str:
@@ -84,20 +86,18 @@ def _trial_number() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_flags(p)  # the fixed part of every trial: --epochs, --subset, --arch, ...
-    g = rc.add_ray_flags(p, default_storage="runs/tune")
+    # TrainConfig's flags are the fixed part of every trial: --epochs, --subset, --arch, ...
+    p, g = rc.script_parser(__doc__, default_storage="runs/tune")
     g.add_argument("--search", choices=space_.SEARCHERS, default=DEFAULT_SEARCH,
                    help=f"searcher (default: {DEFAULT_SEARCH}: TPE; random: random sampling)")
     g.add_argument("--range", action="append", default=[], metavar="NAME=LO:HI",
                    help=f"search NAME in [LO, HI] (NAME: {', '.join(SEARCHED)}); repeatable")
     g.add_argument("--warm-start", default=None, metavar="PATH|URI",
                    help="a previous search's results.parquet (or its folder): TPE starts from it")
-    g.add_argument("--num-samples", type=int, default=8, help="sampled configs (trials)")
-    g.add_argument("--max-concurrent", type=int, default=None,
+    g.add_argument("--num-samples", type=positive_int, default=8, help="sampled configs (trials)")
+    g.add_argument("--max-concurrent", type=positive_int, default=None,
                    help="trials at once (default: as many as the resources allow)")
-    g.add_argument("--cpus-per-trial", type=float, default=1.0)
+    g.add_argument("--cpus-per-trial", type=positive_float, default=1.0)
     g.add_argument("--gpus-per-trial", type=float, default=None,
                    help=f"GPU fraction per trial (implies GPUs; default {res.DEFAULT_GPUS_PER_TRIAL} "
                         "when --device auto finds GPUs)")
@@ -108,14 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, TrainConfig]:
     """Flags -> (search options, the base TrainConfig every trial starts from)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.num_samples < 1 or (args.max_concurrent is not None and args.max_concurrent < 1):
-        parser.error("--num-samples and --max-concurrent must be >= 1")
-    if args.cpus_per_trial <= 0 or not (args.gpus_per_trial is None or 0 < args.gpus_per_trial <= 1):
-        parser.error("--cpus-per-trial must be > 0 and --gpus-per-trial in (0, 1]")
-    if args.resume or args.out:
-        parser.error("--resume/--out do not apply: rerun with the same --name to resume; "
-                     "outputs go to STORAGE/NAME")
+    args = rc.parse_args(parser, argv, refused=("resume", "out"),
+                         hint="rerun with the same --name to resume; outputs go to STORAGE/NAME")
+    if args.gpus_per_trial is not None and not 0 < args.gpus_per_trial <= 1:
+        parser.error("--gpus-per-trial must be in (0, 1]")
     device = "cpu" if args.cpu else (args.device or "auto")
     if device not in ("auto", "cpu", "cuda"):
         parser.error(f"--device {device}: auto, cpu or cuda here (Ray assigns each trial its GPU)")
@@ -218,12 +214,10 @@ def search(args: argparse.Namespace, base: TrainConfig, param_space: dict | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args, base = parse_args(argv)
-        summary = search(args, base)
-    except C40Error as e:
-        print(f"tune/search.py: error: {e}", file=sys.stderr)
+    done = rc.run_script("tune/search.py", parse_args, search, argv)
+    if done is None:
         return 2
+    args, summary = done
     if summary["best_config"] is None:
         print(f"tune/search.py: error: no trial completed ({summary['rejected']} rejected, "
               f"{summary['failed']} failed, {summary['stopped']} stopped); see "

@@ -164,6 +164,30 @@ def read_config_file(path: str) -> dict:
     return d
 
 
+def positive_int(s: str) -> int:
+    """argparse type: an integer >= 1 (scripts' counts: steps, workers, trials...)."""
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def non_negative_int(s: str) -> int:
+    """argparse type: an integer >= 0."""
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def positive_float(s: str) -> float:
+    """argparse type: a number > 0 (e.g. CPUs per Ray worker; fractions allowed)."""
+    v = float(s)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+    return v
+
+
 def add_config_flags(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
     """`--config FILE` and one `--flag` per dataclass field; unset flags stay None so the file
     and the recipe can fill them."""

@@ -22,7 +22,9 @@ from c40.evaluate import Evaluation
 CELL_INCHES = 1.5  # size of one image cell in the picture grids
 
 
-def _figure(width: float, height: float):
+def figure(width: float, height: float):
+    """A matplotlib Figure on the Agg canvas (no pyplot, no display): the one figure style of
+    c40's reports and of the search report (tune/_search_report.py)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -50,7 +52,7 @@ def plot_train_grid(ds: Dataset, path: Path, per_class: int = 8) -> Path:
         tiles[r * per_class:r * per_class + len(idx)] = ds.images[idx]
     grid = make_grid(torch.from_numpy(tiles).permute(0, 3, 1, 2), nrow=per_class, padding=pad,
                      pad_value=255)  # (3, H, W) uint8
-    fig = _figure(per_class * 0.8 + 1.5, len(rows) * 0.8 + 0.6)
+    fig = figure(per_class * 0.8 + 1.5, len(rows) * 0.8 + 0.6)
     ax = fig.subplots()
     ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
     ax.set_yticks([pad + r * (size + pad) + size / 2 for r in range(len(rows))], ds.classes)
@@ -67,7 +69,7 @@ def plot_misclassified(ev: Evaluation, images: np.ndarray, path: Path, limit: in
     """The most confident mistakes; `images` (N, 32, 32, 3) uint8 is indexed by dataset index."""
     m = ev.misclassified(limit)
     nrows = max(1, -(-len(m.indices) // ncols))
-    fig = _figure(ncols * CELL_INCHES, nrows * (CELL_INCHES + 0.45))
+    fig = figure(ncols * CELL_INCHES, nrows * (CELL_INCHES + 0.45))
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
     for ax in axes:
         ax.axis("off")
@@ -85,7 +87,7 @@ def plot_misclassified(ev: Evaluation, images: np.ndarray, path: Path, limit: in
 def plot_per_class_missed(ev: Evaluation, path: Path) -> Path:
     """Bar chart of the fraction of each class's test images that were misclassified."""
     missed = np.nan_to_num(ev.missed_fraction())
-    fig = _figure(8, 4)
+    fig = figure(8, 4)
     ax = fig.subplots()
     bars = ax.bar(range(len(ev.classes)), missed, color="steelblue")
     ax.bar_label(bars, labels=[f"{v:.1%}" for v in missed], fontsize=8)
@@ -100,7 +102,7 @@ def plot_confusion(ev: Evaluation, path: Path) -> Path:
     """Row-normalised confusion matrix (rows: true class), each cell annotated in percent."""
     cm = ev.confusion(normalize=True)
     k = len(ev.classes)
-    fig = _figure(7.5, 6.5)
+    fig = figure(7.5, 6.5)
     ax = fig.subplots()
     im = ax.imshow(cm, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
@@ -122,7 +124,7 @@ def plot_curves(history: Sequence[dict], path: Path) -> Path:
     panels = [("loss", ("train_loss", "val_loss", "test_loss")),
               ("accuracy", ("train_acc", "val_acc", "test_acc")),
               ("learning rate (epoch start)", ("lr",))]
-    fig = _figure(13, 3.6)
+    fig = figure(13, 3.6)
     for ax, (title, keys) in zip(fig.subplots(1, 3), panels):
         for key in keys:
             pts = [(m["epoch"], m[key]) for m in history if key in m and "epoch" in m]

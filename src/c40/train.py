@@ -105,8 +105,7 @@ class EpochStats:
                    torch.full((), -1, dtype=torch.long, device=device))
 
 
-def _setup(cfg: TrainConfig, device: torch.device, rank: int, world_size: int,
-           resume_from) -> RunState:
+def _setup(cfg: TrainConfig, device: torch.device, rank: int, world_size: int) -> RunState:
     configure_backends(device, cfg.deterministic)  # before the first CUDA kernel
     if device.type == "cuda":
         torch.cuda.set_device(device)  # this process's GPU (NCCL, default-stream allocations)
@@ -148,9 +147,9 @@ def _setup(cfg: TrainConfig, device: torch.device, rank: int, world_size: int,
                     if val is not None and evaluates else None),
         classes=tuple(train.classes), mean=tuple(map(float, mean)), std=tuple(map(float, std)),
         params=params)
-    ckpt_path = Path(resume_from) if resume_from else (Path(cfg.out) / "checkpoint.pt" if cfg.resume else None)
-    if ckpt_path is not None:
-        if resume_from is None and not ckpt_path.is_file():
+    if cfg.resume:
+        ckpt_path = Path(cfg.out) / "checkpoint.pt"
+        if not ckpt_path.is_file():
             raise CheckpointError(f"{ckpt_path}: nothing to resume (the run stopped before its first "
                                   "epoch ended); start it again without --resume")
         restore_run(run, load_checkpoint(ckpt_path), ckpt_path)  # to the CPU; state dicts move
@@ -217,16 +216,15 @@ def evaluate_run(run: RunState, split: str = "test"):
 
 
 def fit(cfg: TrainConfig, *, device: torch.device | str | None = None,
-        report: ReportFn | None = None, resume_from: str | Path | None = None,
-        progress: bool = True) -> FitResult:
+        report: ReportFn | None = None, progress: bool = True) -> FitResult:
     """Train `cfg` and return the final test accuracy.
 
     Under `torch.distributed` (Ray Train starts the process group) each process trains its
     rank's shard of every batch and the model is wrapped in DDP here. `device`: where this
     process trains (default: `cfg.device`). `report(metrics, checkpoint_path)` is called every
     epoch (checkpoint_path on rank 0 only, else None). Only rank 0 evaluates and writes OUT:
-    other ranks' metrics carry no test/val numbers, their accuracy is NaN. `resume_from`: a
-    checkpoint file to continue (what `cfg.resume` means for OUT/checkpoint.pt).
+    other ranks' metrics carry no test/val numbers, their accuracy is NaN. `cfg.resume` is the
+    one way to continue a run: from OUT/checkpoint.pt (Ray puts the checkpoint it restores there).
     """
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank = torch.distributed.get_rank() if distributed else 0
@@ -236,9 +234,9 @@ def fit(cfg: TrainConfig, *, device: torch.device | str | None = None,
     out = Path(cfg.out)
     created = rank == 0 and not out.exists()
     if rank == 0:
-        prepare_out_dir(out, resume=cfg.resume or resume_from is not None)
+        prepare_out_dir(out, resume=cfg.resume)
     try:
-        run = _setup(cfg, device, rank, world_size, resume_from)
+        run = _setup(cfg, device, rank, world_size)
         _wrap(run)
     except BaseException:
         if created and not any(out.iterdir()):  # bad data, bad config: leave nothing behind
