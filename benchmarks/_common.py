@@ -5,14 +5,16 @@ benchmarks/ is a folder of scripts (no __init__.py); scripts import this with
 """
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
 import os
 import platform
+import re
 import shlex
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -76,20 +78,36 @@ def write_result(path: str | os.PathLike, result: dict) -> Path:
     return write_text(path, json.dumps(result, indent=2, sort_keys=False) + "\n")
 
 
-def positive(s: str) -> int:
-    """argparse type: an integer >= 1."""
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+FINAL_RE = re.compile(r"final test accuracy: ([0-9.]+)")
 
 
-def non_negative(s: str) -> int:
-    """argparse type: an integer >= 0."""
-    v = int(s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
+def portable(cmd: list[str]) -> list[str]:
+    """A command as a user would type it (no absolute interpreter path)."""
+    return ["python", *cmd[1:]]
+
+
+def train_process(flags: list[str], out: Path, tag: str) -> dict:
+    """One fresh `python -m c40 train FLAGS --out OUT --no-progress` process, timed from start to
+    exit (imports, data loading and every evaluation included) -> its final accuracy, wall and
+    startup seconds, epochs, per-epoch history (metrics.jsonl) and the command. A half-finished
+    earlier run in OUT is removed first (time it afresh)."""
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "c40", "train", *flags, "--out", str(out), "--no-progress"]
+    print(f"[{tag}] {' '.join(portable(cmd))}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        last = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise RuntimeError(f"{tag} failed (exit {p.returncode}): {last}")
+    found = FINAL_RE.search(p.stdout)
+    if not found:
+        raise RuntimeError(f"{tag}: no 'final test accuracy' line in the output")
+    hist = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"final_accuracy": float(found.group(1)), "wall_seconds": round(wall, 2),
+            "startup_seconds": round(wall - hist[-1]["elapsed"], 2),  # outside fit(): imports etc.
+            "epochs": len(hist), "history": hist, "command": portable(cmd),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
 
 def run_and_emit(args, run, summarize) -> int:

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine_info, non_negative, positive, run_and_emit  # noqa: E402
+from _common import machine_info, run_and_emit  # noqa: E402
+from c40.config import non_negative_int, positive_int  # noqa: E402
 
 from c40.augment import create_albumentations  # noqa: E402
 from c40.cpu_loader import AlbumentationsLoader, _fill_batch, _numpy_norm, _seed_batch  # noqa: E402
@@ -191,10 +192,10 @@ def run(args) -> dict:
 def _parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
-    ap.add_argument("--workers", type=non_negative, default=2, help="worker processes for (a), (b)")
-    ap.add_argument("--batches", type=positive, default=60, help="timed batches per loader")
-    ap.add_argument("--batch-size", type=positive, default=512)
-    ap.add_argument("--repeats", type=positive, default=5, help="interleaved rounds (median)")
+    ap.add_argument("--workers", type=non_negative_int, default=2, help="worker processes for (a), (b)")
+    ap.add_argument("--batches", type=positive_int, default=60, help="timed batches per loader")
+    ap.add_argument("--batch-size", type=positive_int, default=512)
+    ap.add_argument("--repeats", type=positive_int, default=5, help="interleaved rounds (median)")
     ap.add_argument("--p", type=float, default=0.5, help="probability of each augmentation")
     ap.add_argument("--data", default=None, help="cifar-10-batches-py folder (else $C40_DATA)")
     ap.add_argument("--out", default=None, help="also write the JSON result to this file")

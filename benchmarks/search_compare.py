@@ -21,7 +21,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine_info, positive, write_result  # noqa: E402
+from _common import machine_info, write_result  # noqa: E402
+from c40.config import positive_int  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "search_random_vs_tpe.json"
@@ -39,11 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=None, help="cifar-10-batches-py folder")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--num-samples", type=positive, default=16)
-    p.add_argument("--epochs", type=positive, default=3)
-    p.add_argument("--subset", type=positive, default=4000)
-    p.add_argument("--val-split", type=positive, default=1000)
-    p.add_argument("--test-subset", type=positive, default=1000)
+    p.add_argument("--num-samples", type=positive_int, default=16)
+    p.add_argument("--epochs", type=positive_int, default=3)
+    p.add_argument("--subset", type=positive_int, default=4000)
+    p.add_argument("--val-split", type=positive_int, default=1000)
+    p.add_argument("--test-subset", type=positive_int, default=1000)
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--pictures", default=str(OUT.parent / "search"),
                    help="PREFIX: the last TPE search's pictures go to PREFIX_<name>.png")

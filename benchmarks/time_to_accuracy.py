@@ -14,26 +14,20 @@ long benchmark can be run in pieces; --force reruns. Usage:
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import re
-import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine_info, write_result  # noqa: E402
+from _common import machine_info, train_process, write_result  # noqa: E402
 
 TARGET = 0.85  # the assignment's test-accuracy bar
-FINAL_RE = re.compile(r"final test accuracy: ([0-9.]+)")
 
 
-def _command(recipe: str, seed: int, out: Path, args) -> list[str]:
-    cmd = [sys.executable, "-m", "c40", "train", "--recipe", recipe, "--seed", str(seed),
-           "--out", str(out), "--no-progress"]
+def _command(recipe: str, seed: int, args) -> list[str]:
+    """The `c40 train` flags of one run (--out and --no-progress are added by train_process)."""
+    cmd = ["--recipe", recipe, "--seed", str(seed)]
     if args.data:
         cmd += ["--data", args.data]
     epochs = args.epochs_reference if recipe == "reference" else args.epochs
@@ -47,37 +41,28 @@ def _command(recipe: str, seed: int, out: Path, args) -> list[str]:
     return cmd
 
 
-def _portable(cmd: list[str]) -> list[str]:
-    """The command as a user would type it (no absolute interpreter path)."""
-    return ["python", *cmd[1:]]
+def _run_dir(recipe: str, seed: int, args) -> Path:
+    return Path(args.runs_dir) / f"{recipe}-seed{seed}"
+
+
+def _wanted(recipe: str, seed: int, args) -> list[str]:
+    """The command a run of (recipe, seed) is recorded with."""
+    return ["python", "-m", "c40", "train", *_command(recipe, seed, args), "--out",
+            str(_run_dir(recipe, seed, args)), "--no-progress"]
 
 
 def run_one(recipe: str, seed: int, args) -> dict:
     """One fresh `c40 train` process; its outputs go to RUNS_DIR/<recipe>-seed<S>/."""
-    out = Path(args.runs_dir) / f"{recipe}-seed{seed}"
-    shutil.rmtree(out, ignore_errors=True)  # a half-finished earlier attempt: time it afresh
-    cmd = _command(recipe, seed, out, args)
-    print(f"[time_to_accuracy] {' '.join(_portable(cmd))}", file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wall = time.perf_counter() - t0
-    if p.returncode != 0:
-        last = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise RuntimeError(f"{recipe} seed {seed} failed (exit {p.returncode}): {last}")
-    found = FINAL_RE.search(p.stdout)
-    if not found:
-        raise RuntimeError(f"{recipe} seed {seed}: no 'final test accuracy' line in the output")
-    hist = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    r = train_process(_command(recipe, seed, args), _run_dir(recipe, seed, args),
+                      f"time_to_accuracy {recipe} seed {seed}")
     curve = [{"epoch": m["epoch"], "elapsed": round(m["elapsed"], 2),
-              "test_acc": m["test_acc"]} for m in hist if "test_acc" in m]
+              "test_acc": m["test_acc"]} for m in r.pop("history") if "test_acc" in m]
     hit = next((m for m in curve if m["test_acc"] >= TARGET), None)
-    return {"recipe": recipe, "seed": seed, "final_accuracy": float(found.group(1)),
+    return {"recipe": recipe, "seed": seed, "final_accuracy": r["final_accuracy"],
             "seconds_to_85": hit["elapsed"] if hit else None,
             "epochs_to_85": hit["epoch"] if hit else None,
-            "wall_seconds": round(wall, 2),
-            "startup_seconds": round(wall - hist[-1]["elapsed"], 2),  # outside fit(): imports etc.
-            "epochs": len(hist), "curve": curve, "command": _portable(cmd),
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+            "wall_seconds": r["wall_seconds"], "startup_seconds": r["startup_seconds"],
+            "epochs": r["epochs"], "curve": curve, "command": r["command"], "date": r["date"]}
 
 
 def _summary(runs: list[dict]) -> dict | None:
@@ -170,7 +155,7 @@ def main(argv=None) -> int:
             plan.append(("reference", args.seeds[0]))
         for recipe, seed in plan:
             key = f"{recipe}-seed{seed}"
-            wanted = _portable(_command(recipe, seed, Path(args.runs_dir) / key, args))
+            wanted = _wanted(recipe, seed, args)
             if not args.force and runs.get(key, {}).get("command") == wanted:
                 print(f"[time_to_accuracy] {key}: already measured, skipped (--force reruns)",
                       file=sys.stderr)

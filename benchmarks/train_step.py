@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine_info, non_negative, positive, run_and_emit  # noqa: E402
+from _common import machine_info, run_and_emit  # noqa: E402
+from c40.config import non_negative_int, positive_int  # noqa: E402
 
 from c40.config import TrainConfig  # noqa: E402
 from c40.model import count_params, create_model, list_models  # noqa: E402
@@ -119,10 +120,10 @@ def _parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     ap.add_argument("--out", default=None, help="also write the JSON result to this file")
-    ap.add_argument("--steps", type=positive, default=20, help="timed steps per round")
-    ap.add_argument("--warmup", type=non_negative, default=3, help="untimed steps per round")
-    ap.add_argument("--repeats", type=positive, default=3, help="interleaved rounds (median)")
-    ap.add_argument("--batch-size", type=positive, default=128, help="the recipes' batch size")
+    ap.add_argument("--steps", type=positive_int, default=20, help="timed steps per round")
+    ap.add_argument("--warmup", type=non_negative_int, default=3, help="untimed steps per round")
+    ap.add_argument("--repeats", type=positive_int, default=3, help="interleaved rounds (median)")
+    ap.add_argument("--batch-size", type=positive_int, default=128, help="the recipes' batch size")
     ap.add_argument("--archs", type=archs, default=["strided", "dilated"],
                     help="comma-separated arch names")
     ap.add_argument("--width", type=float, default=1.0, help="channel multiplier")

@@ -73,7 +73,7 @@ def test_train_step_benchmark_json(tmp_path):
 
 def test_train_step_benchmark_rejects_unknown_arch():
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step.py"),
-                        "--archs", "strided,resnet"], capture_output=True, text=True, timeout=60)
+                        "--archs", "strided,resnet50"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "unknown arch" in p.stderr
 
 
@@ -108,6 +108,36 @@ def test_time_to_accuracy_smoke_and_skip_on_rerun(tiny_cifar, tmp_path):
     again = _tta(*args)  # the same command again: measured already, so nothing runs
     assert again.returncode == 0 and "skipped" in again.stderr, again.stderr
     assert json.loads((tmp_path / "res" / "time_to_accuracy.json").read_text())["runs"] == res["runs"]
+
+
+# ------------------------------------------------------------------ frontier.py
+def test_frontier_sizes_each_run_to_its_budget_and_skips_on_rerun(tiny_cifar, tmp_path):
+    args = [sys.executable, str(ROOT / "benchmarks" / "frontier.py"), "--data", str(tiny_cifar),
+            "--recipe", "fast", "--budgets", "0.3,30", "--epochs-cap", "3", "--subset", "500",
+            "--test-subset", "200", "--out-dir", str(tmp_path / "res"), "--runs-dir",
+            str(tmp_path / "runs")]
+    run = lambda: subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=ROOT,  # noqa: E731
+                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = run()
+    assert p.returncode == 0, p.stderr
+    res = json.loads((tmp_path / "res" / "frontier.json").read_text())
+    assert (tmp_path / "res" / "frontier.png").stat().st_size > 5000
+    cal = res["archs"]["strided"]["calibration"]
+    assert cal["low_res_seconds"] > 0 and cal["full_res_seconds"] > 0 and cal["low_res_frac"] == 0.55
+    per = 0.55 * cal["low_res_seconds"] + 0.45 * cal["full_res_seconds"]
+    assert cal["seconds_per_epoch"] == pytest.approx(per, abs=0.01)
+    runs = res["archs"]["strided"]["budgets"]
+    assert set(runs) == {"0.3", "30"}
+    # 18 s hold max(1, (18 - startup) // per) epochs; 30 min hold more than the cap of 3
+    assert runs["0.3"]["epochs"] == max(1, min(3, int((18 - cal["startup_seconds"]) // per)))
+    assert runs["30"]["epochs"] == 3 and runs["30"]["within_budget"] is True
+    for r in runs.values():
+        assert 0 <= r["final_accuracy"] <= 1 and r["final_accuracy"] == r["curve"][-1]["test_acc"]
+        assert r["within_budget"] == (r["wall_seconds"] <= 60 * r["budget_minutes"])
+        assert r["command"][:4] == ["python", "-m", "c40", "train"] and "--epochs" in r["command"]
+    again = run()  # the same commands: nothing is trained again
+    assert again.returncode == 0 and again.stderr.count("already measured") == 2, again.stderr
+    assert json.loads((tmp_path / "res" / "frontier.json").read_text())["archs"] == res["archs"]
 
 
 def test_time_to_accuracy_never_mixes_machines():

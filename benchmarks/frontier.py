@@ -1,0 +1,172 @@
+"""Accuracy vs time on this machine: for each arch and each time budget (default 5, 15, 30 and
+60 minutes), the test accuracy of one `c40 train` run sized to fit the budget.
+
+A run's epochs come from a calibration run of the same arch and recipe (2 epochs on the whole
+training set: the first at the recipe's low resolution, the second at 32 px with the test
+evaluation): epochs = (budget - startup) / (seconds per epoch at the recipe's low-res share).
+Each budget is then one fresh process timed from start to exit, as a user meets it; a run that
+overshoots its budget is recorded with `within_budget: false`, not hidden. Results are written
+after every run and a run already measured with the same command is skipped (--force reruns), so
+the benchmark can be run in pieces. Usage:
+  python benchmarks/frontier.py --data DIR --archs strided,resnet --budgets 5,15,30,60
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import machine_info, portable, train_process, write_result  # noqa: E402
+
+from c40.config import RECIPES, TrainConfig, positive_int  # noqa: E402
+from c40.model import list_models  # noqa: E402
+from c40.report import figure  # noqa: E402
+
+
+def _flags(arch: str, args, **extra) -> list[str]:
+    flags = ["--recipe", args.recipe, "--arch", arch, "--seed", str(args.seed)]
+    if args.data:
+        flags += ["--data", args.data]
+    extra = {"subset": args.subset, "test_subset": args.test_subset, **extra}
+    for flag, value in extra.items():
+        if value is None:
+            continue
+        flags += ["--" + flag.replace("_", "-"), str(value)]
+    return flags
+
+
+def calibrate(arch: str, args) -> dict:
+    """Seconds of one epoch at low resolution and at 32 px, and the process's startup."""
+    cfg = TrainConfig.from_recipe(args.recipe, arch=arch, device="cpu")
+    r = train_process(_flags(arch, args, epochs=2, low_res_frac=0.5, eval_every=0),
+                      Path(args.runs_dir) / f"calibrate-{arch}", f"frontier calibrate {arch}")
+    low, full = (m["seconds"] for m in r["history"])
+    per_epoch = cfg.low_res_frac * low + (1 - cfg.low_res_frac) * full
+    return {"low_res_seconds": round(low, 2), "full_res_seconds": round(full, 2),
+            "startup_seconds": r["startup_seconds"], "seconds_per_epoch": round(per_epoch, 2),
+            "low_res_frac": cfg.low_res_frac, "command": r["command"]}
+
+
+def epochs_for(budget_s: float, cal: dict, cap: int | None = None) -> int:
+    n = max(1, math.floor((budget_s - cal["startup_seconds"]) / cal["seconds_per_epoch"]))
+    return min(n, cap) if cap else n
+
+
+def run_budget(arch: str, minutes: float, epochs: int, args) -> dict:
+    r = train_process(_flags(arch, args, epochs=epochs), _out(arch, minutes, args),
+                      f"frontier {arch} {minutes:g} min")
+    curve = [{"epoch": m["epoch"], "elapsed": round(m["elapsed"], 2), "test_acc": m["test_acc"]}
+             for m in r.pop("history") if "test_acc" in m]
+    return {**r, "arch": arch, "budget_minutes": minutes, "curve": curve,
+            "within_budget": r["wall_seconds"] <= 60 * minutes}
+
+
+def _out(arch: str, minutes: float, args) -> Path:
+    return Path(args.runs_dir) / f"{arch}-{minutes:g}min"
+
+
+def plot(result: dict, path: Path) -> Path:
+    fig = figure(7, 4.5)
+    ax = fig.add_subplot()
+    for arch, runs in result["archs"].items():
+        pts = sorted((r["wall_seconds"] / 60, 100 * r["final_accuracy"], r["budget_minutes"])
+                     for r in runs["budgets"].values())
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=arch)
+        for x, y, b in pts:
+            ax.annotate(f"{b:g} min", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("wall time, process start to exit (min)")
+    ax.set_ylabel("test accuracy (%)")
+    m = result["machine"]
+    ax.set_title(f"{result['recipe']} recipe sized to each budget; {m['cpu_model']} "
+                 f"({m['cpu_count']} CPUs, bf16={m['cpu_bf16']})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.savefig(path, format="png", bbox_inches="tight")
+    return path
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    out_dir = Path(args.out_dir)
+    json_path, png_path = out_dir / "frontier.json", out_dir / "frontier.png"
+    machine = machine_info()
+    try:
+        old = json.loads(json_path.read_text()) if json_path.exists() else {}
+    except ValueError:
+        old = {}
+    same = all(old.get("machine", {}).get(k) == machine[k] for k in ("cpu_model", "cpu_bf16",
+                                                                      "cpu_count", "device_name"))
+    result = {"recipe": args.recipe, "seed": args.seed, "archs": old.get("archs", {}) if same else {},
+              "machine": machine}
+    try:
+        for arch in args.archs:
+            entry = result["archs"].setdefault(arch, {"budgets": {}})
+            if args.force or "calibration" not in entry:
+                entry["calibration"] = calibrate(arch, args)
+                write_result(json_path, result)
+            for minutes in args.budgets:
+                epochs = epochs_for(60 * minutes, entry["calibration"], args.epochs_cap)
+                wanted = portable([sys.executable, "-m", "c40", "train", *_flags(arch, args, epochs=epochs),
+                                   "--out", str(_out(arch, minutes, args)), "--no-progress"])
+                key = f"{minutes:g}"
+                if not args.force and entry["budgets"].get(key, {}).get("command") == wanted:
+                    print(f"[frontier] {arch} {key} min: already measured, skipped", file=sys.stderr)
+                    continue
+                entry["budgets"][key] = run_budget(arch, minutes, epochs, args)
+                write_result(json_path, result)  # after every run: it can stop and go on
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    write_result(json_path, result)
+    plot(result, png_path)
+    for arch, entry in result["archs"].items():
+        for key, r in entry["budgets"].items():
+            print(f"{arch:>10} {key:>4} min: {r['final_accuracy']:.4f} in {r['wall_seconds']:.0f} s "
+                  f"({r['epochs']} epochs){'' if r['within_budget'] else ' OVER BUDGET'}")
+    print(f"wrote {json_path} and {png_path}", file=sys.stderr)
+    return 0
+
+
+def _parse(argv=None) -> argparse.Namespace:
+    def names(s: str) -> list[str]:
+        archs = [a.strip() for a in s.split(",") if a.strip()]
+        bad = [a for a in archs if a not in list_models()]
+        if bad or not archs:
+            raise argparse.ArgumentTypeError(f"unknown arch {bad or s!r} (choose from "
+                                             f"{', '.join(list_models())})")
+        return archs
+
+    def minutes(s: str) -> list[float]:
+        try:
+            vals = [float(x) for x in s.split(",") if x.strip()]
+        except ValueError:
+            vals = []
+        if not vals or min(vals) <= 0:
+            raise argparse.ArgumentTypeError(f"budgets must be positive minutes, e.g. 5,15,30,60; got {s!r}")
+        return vals
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--archs", type=names, default=["strided"], help="comma-separated archs")
+    ap.add_argument("--budgets", type=minutes, default=[5.0, 15.0, 30.0, 60.0],
+                    help="time budgets in minutes")
+    ap.add_argument("--recipe", choices=list(RECIPES), default="best",
+                    help="the recipe whose epochs are sized to each budget")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", default=None, help="cifar-10-batches-py folder (else $C40_DATA)")
+    ap.add_argument("--out-dir", default="benchmarks/results", help="where the JSON and PNG go")
+    ap.add_argument("--runs-dir", default="runs/frontier", help="each run's checkpoint and metrics")
+    ap.add_argument("--force", action="store_true", help="recalibrate and rerun measured runs")
+    ap.add_argument("--epochs-cap", type=positive_int, default=None,
+                    help="at most this many epochs per run (smoke tests)")
+    ap.add_argument("--subset", type=positive_int, default=None, help="train on N images (smoke tests)")
+    ap.add_argument("--test-subset", type=positive_int, default=None, help="test on N images (smoke tests)")
+    return ap.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
