@@ -42,8 +42,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_corruptions(args: argparse.Namespace) -> int:
+    from c40.inference import evaluate_corruptions
+
+    res = evaluate_corruptions(args.checkpoint, data=args.data, tta=args.tta, device=args.device)
+    if args.json:
+        print(json.dumps({"checkpoint": str(args.checkpoint), **res}))
+        return 0
+    print(f"clean accuracy {res['clean']:.4f}{' with flip TTA' if res['tta'] else ''}; "
+          "accuracy (change in points) at severity 1..5:")
+    for name, r in res["corruptions"].items():
+        cells = "  ".join(f"{r['param']} {lv:g}: {a:.4f} ({-d * 100:+.1f})"
+                          for lv, a, d in zip(r["levels"], r["accuracy"], r["drop"]))
+        print(f"  {name:<10} {cells}")
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from c40.inference import describe, evaluate_checkpoint, run_tta
+
+    if args.corruptions:
+        return _eval_corruptions(args)
 
     ev, state = evaluate_checkpoint(args.checkpoint, data=args.data, tta=args.tta,
                                     device=args.device)
@@ -124,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="average with the horizontal flip (default: as the training run evaluated)")
+    e.add_argument("--corruptions", action="store_true",
+                   help="also test under JPEG compression, blur, noise and brightness at five "
+                        "severities each (c40.corruptions)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=_cmd_eval)
 

@@ -71,6 +71,28 @@ def evaluate_checkpoint(path, *, data=None, tta: bool | None = None, device: str
     return evaluate_model(model, state, ds, dev, tta=run_tta(state, tta)), state
 
 
+def evaluate_corruptions(path, *, data=None, tta: bool | None = None, device: str = "auto",
+                         names: Sequence[str] | None = None, seed: int = 0) -> dict:
+    """Test accuracy of the checkpoint on the clean test set and on each corrupted copy of it
+    (`c40.corruptions`, every severity): {"clean": acc, "tta": bool, "corruptions": {name:
+    {"param", "levels", "accuracy", "drop"}}}; drop = clean - corrupted, in accuracy units."""
+    from c40.corruptions import CORRUPTIONS, corrupt
+
+    model, state, dev = _load(path, device)
+    tta = run_tta(state, tta)
+    ds = load_dataset(resolve_data_root(data), "test")
+    clean = evaluate_model(model, state, ds, dev, tta=tta).accuracy
+    out = {"clean": clean, "tta": tta, "seed": seed, "corruptions": {}}
+    for name in names or CORRUPTIONS:
+        c = CORRUPTIONS[name]
+        accs = [evaluate_model(model, state, Dataset(corrupt(ds.images, name, level, seed),
+                                                     ds.labels, ds.classes), dev, tta=tta).accuracy
+                for level in c.levels]
+        out["corruptions"][name] = {"param": c.param, "levels": list(c.levels), "accuracy": accs,
+                                    "drop": [clean - a for a in accs]}
+    return out
+
+
 def describe(ev: Evaluation, state: dict, checkpoint, *, tta: bool) -> dict:
     """`ev.to_dict()` plus what produced it: the dict `c40 eval --json` prints and
     summary.json holds."""
