@@ -143,3 +143,21 @@ def dilated(*, dropout: float = 0.0, width: float = 1.0, num_classes: int = 10) 
                        Residual(DepthwiseSeparable(d, d, dilation=2)),
                        Residual(DepthwiseSeparable(d, d)), nn.Dropout(p))
     return C40Net(c1, c2, c3, c4, d, dropout, num_classes)
+
+
+@register_model
+def resnet(*, dropout: float = 0.0, width: float = 1.0, num_classes: int = 10) -> C40Net:
+    """Capacity per CPU second: ResNet-20-like residual pairs of full 3x3 convs where the maps are
+    32x32, 16x16 and 8x8 (full 3x3 convs run near the CPU's peak; depthwise and 1x1 convs do not),
+    widths 16/32/64, the first 8x8 conv dilated (d=2); the 4x4 stage is depthwise-separable, where
+    a full conv's parameters would cost most. ~54M FLOPs/image, ~172k params, RF 81.
+    """
+    a, b, c, d = (_ch(n, width) for n in (16, 32, 64, 128))
+    p = dropout
+    pair = lambda ch, dil=1: Residual(ConvBN(ch, ch, dilation=dil), ConvBN(ch, ch))  # noqa: E731
+    c1 = nn.Sequential(ConvBN(3, a), pair(a), pair(a))                                 # 32x32
+    c2 = nn.Sequential(ConvBN(a, b, stride=2), pair(b), pair(b), nn.Dropout(p))        # 16x16
+    c3 = nn.Sequential(ConvBN(b, c, stride=2), pair(c, dil=2), nn.Dropout(p))          # 8x8
+    c4 = nn.Sequential(DepthwiseSeparable(c, d, stride=2),                             # 4x4
+                       Residual(DepthwiseSeparable(d, d)), nn.Dropout(p))
+    return C40Net(c1, c2, c3, c4, d, dropout, num_classes)
