@@ -70,16 +70,23 @@ def _out(arch: str, minutes: float, args) -> Path:
 
 
 def plot(result: dict, path: Path) -> Path:
+    """Accuracy against the budget; runs that overshot their budget are hollow markers."""
     fig = figure(7, 4.5)
     ax = fig.add_subplot()
-    for arch, runs in result["archs"].items():
-        pts = sorted((r["wall_seconds"] / 60, 100 * r["final_accuracy"], r["budget_minutes"])
-                     for r in runs["budgets"].values())
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=arch)
-        for x, y, b in pts:
-            ax.annotate(f"{b:g} min", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    budgets = set()
+    for arch, entry in result["archs"].items():
+        runs = sorted(entry["budgets"].values(), key=lambda r: r["budget_minutes"])
+        xs = [r["budget_minutes"] for r in runs]
+        ys = [100 * r["final_accuracy"] for r in runs]
+        line, = ax.plot(xs, ys, marker="o", label=arch)
+        over = [(x, y) for x, y, r in zip(xs, ys, runs) if not r["within_budget"]]
+        if over:
+            ax.plot(*zip(*over), ls="none", marker="o", ms=10, mfc="none", color=line.get_color())
+        budgets.update(xs)
     ax.set_xscale("log")
-    ax.set_xlabel("wall time, process start to exit (min)")
+    ax.set_xticks(sorted(budgets), [f"{b:g}" for b in sorted(budgets)])
+    ax.minorticks_off()
+    ax.set_xlabel("time budget (min); ring: the run took longer than its budget")
     ax.set_ylabel("test accuracy (%)")
     m = result["machine"]
     ax.set_title(f"{result['recipe']} recipe sized to each budget; {m['cpu_model']} "
