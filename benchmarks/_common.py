@@ -78,6 +78,20 @@ def write_result(path: str | os.PathLike, result: dict) -> Path:
     return write_text(path, json.dumps(result, indent=2, sort_keys=False) + "\n")
 
 
+def arch_names(s: str) -> list[str]:
+    """argparse type: comma-separated names of registered archs."""
+    import argparse
+
+    from c40.model import list_models
+
+    names = [a.strip() for a in s.split(",") if a.strip()]
+    bad = [a for a in names if a not in list_models()]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown arch {bad or s!r} (choose from "
+                                         f"{', '.join(list_models())})")
+    return names
+
+
 FINAL_RE = re.compile(r"final test accuracy: ([0-9.]+)")
 
 

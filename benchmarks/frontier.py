@@ -20,10 +20,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine_info, portable, train_process, write_result  # noqa: E402
+from _common import arch_names, machine_info, portable, train_process, write_result  # noqa: E402
 
 from c40.config import RECIPES, TrainConfig, positive_int  # noqa: E402
-from c40.model import list_models  # noqa: E402
 from c40.report import figure  # noqa: E402
 
 
@@ -140,14 +139,6 @@ def main(argv=None) -> int:
 
 
 def _parse(argv=None) -> argparse.Namespace:
-    def names(s: str) -> list[str]:
-        archs = [a.strip() for a in s.split(",") if a.strip()]
-        bad = [a for a in archs if a not in list_models()]
-        if bad or not archs:
-            raise argparse.ArgumentTypeError(f"unknown arch {bad or s!r} (choose from "
-                                             f"{', '.join(list_models())})")
-        return archs
-
     def minutes(s: str) -> list[float]:
         try:
             vals = [float(x) for x in s.split(",") if x.strip()]
@@ -158,7 +149,7 @@ def _parse(argv=None) -> argparse.Namespace:
         return vals
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--archs", type=names, default=["strided"], help="comma-separated archs")
+    ap.add_argument("--archs", type=arch_names, default=["strided"], help="comma-separated archs")
     ap.add_argument("--budgets", type=minutes, default=[5.0, 15.0, 30.0, 60.0],
                     help="time budgets in minutes")
     ap.add_argument("--recipe", choices=list(RECIPES), default="best",

@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine_info, run_and_emit  # noqa: E402
+from _common import arch_names, machine_info, run_and_emit  # noqa: E402
 from c40.config import non_negative_int, positive_int  # noqa: E402
 
 from c40.config import TrainConfig  # noqa: E402
-from c40.model import count_params, create_model, list_models  # noqa: E402
+from c40.model import count_params, create_model  # noqa: E402
 from c40.precision import autocast, keep_depthwise_fp32, resolve_amp, resolve_device  # noqa: E402
 from c40.train import create_optimizer, train_step  # noqa: E402
 
@@ -109,14 +109,6 @@ def run(args) -> dict:
 
 
 def _parse(argv=None) -> argparse.Namespace:
-    def archs(s: str) -> list[str]:
-        names = [a.strip() for a in s.split(",") if a.strip()]
-        bad = [a for a in names if a not in list_models()]
-        if bad or not names:
-            raise argparse.ArgumentTypeError(f"unknown arch {bad or s!r} (choose from "
-                                             f"{', '.join(list_models())})")
-        return names
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     ap.add_argument("--out", default=None, help="also write the JSON result to this file")
@@ -124,7 +116,7 @@ def _parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=non_negative_int, default=3, help="untimed steps per round")
     ap.add_argument("--repeats", type=positive_int, default=3, help="interleaved rounds (median)")
     ap.add_argument("--batch-size", type=positive_int, default=128, help="the recipes' batch size")
-    ap.add_argument("--archs", type=archs, default=["strided", "dilated"],
+    ap.add_argument("--archs", type=arch_names, default=["strided", "dilated"],
                     help="comma-separated arch names")
     ap.add_argument("--width", type=float, default=1.0, help="channel multiplier")
     ap.add_argument("--compile", action="store_true", help="also time (b) under torch.compile")
