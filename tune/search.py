@@ -31,6 +31,7 @@ fine. Retrain the winner with distributed/train.py --config best_config.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -70,7 +71,7 @@ def train_trial(config: dict, base: dict, fault: dict | None) -> None:
             tune.report({"rejected": True, "params": params, "val_acc": math.nan})
             return
         resumed_epoch = rc.restore(tune.get_checkpoint(), out)
-        cfg.resume = resumed_epoch > 0
+        cfg = dataclasses.replace(cfg, resume=resumed_epoch > 0)  # continue what Ray restored
         report = rc.create_reporter(tune.report, tune.Checkpoint,
                                     fault=fault if fault and _trial_number() == fault["victim"] else None,
                                     extra={"rejected": False, "params": params,
