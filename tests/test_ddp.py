@@ -42,7 +42,7 @@ def _reference_step(data, out) -> tuple[dict, list[set]]:
     """One SGD step with the mean of the ranks' own gradients, in this process; and the
     dataset indices each rank's loader draws. One thread, as the workers: oneDNN picks other
     conv algorithms for 2 threads (measured: 1e-4 apart after one step; equal at 1 thread)."""
-    runs = [_setup(_cfg(data, out), torch.device("cpu"), r, 2, None) for r in (0, 1)]
+    runs = [_setup(_cfg(data, out), torch.device("cpu"), r, 2) for r in (0, 1)]
     grads, shards = [], []
     for run in runs:
         x, y = next(iter(run.train_loader))

@@ -54,7 +54,7 @@ def tiny_cfg(data, out, **kw):
 def test_a_training_step_never_waits_for_the_device(tiny_cifar, tmp_path, amp, ema, loader):
     """Loader batch + resize + step (+ fp16 scaler) + schedule + EMA + running sums, 4 times."""
     cfg = tiny_cfg(tiny_cifar, tmp_path, amp=amp, ema=ema, loader=loader, workers=1)
-    run = _setup(cfg, torch.device("cpu"), 0, 1, None)
+    run = _setup(cfg, torch.device("cpu"), 0, 1)
     stats = EpochStats.zeros(run.device)
     try:
         batches = iter(run.train_loader)
