@@ -28,6 +28,25 @@ def test_training_reduces_the_loss_on_real_data(tiny_cifar, tmp_path):
             "seconds"} <= keys
 
 
+def test_checkpoints_record_the_code_the_run_started_with(tiny_cifar, tmp_path, monkeypatch):
+    """A long run outlives commits to its checkout: every epoch's checkpoint names the commit
+    the process started from, not the one checked out when the epoch ended."""
+    import subprocess
+
+    import c40.checkpoint
+    import c40.train
+
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=c40.train.__file__.rsplit("/", 1)[0]).stdout.strip()
+    assert c40.checkpoint.provenance()["c40_commit"] == (head or None)
+    calls = iter(["start", "later", "later"])
+    fake = lambda: {"c40_commit": next(calls)}  # noqa: E731  HEAD moves after the first call
+    monkeypatch.setattr(c40.checkpoint, "provenance", fake)
+    monkeypatch.setattr(c40.train, "provenance", fake, raising=False)
+    fit(tiny_cfg(tiny_cifar, tmp_path, subset=256, epochs=2), progress=False)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["provenance"] == {"c40_commit": "start"}
+
+
 class _Stop(Exception):
     pass
 

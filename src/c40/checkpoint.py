@@ -173,7 +173,7 @@ def run_state(run, epoch: int) -> dict:
         "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
         "scaler": run.scaler.state_dict(), "rng": capture_rng(run.device),
         "epoch": epoch, "step": run.step, "config": run.cfg.to_dict(),
-        "amp": amp_name(run.amp), "device": run.device.type, "provenance": provenance(),
+        "amp": amp_name(run.amp), "device": run.device.type, "provenance": run.provenance,
         "params": run.params, "classes": list(run.classes),
         "mean": list(run.mean), "std": list(run.std), "history": run.history,
     }

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from c40.checkpoint import load_checkpoint, restore_run, run_state, save_checkpoint
+from c40.checkpoint import load_checkpoint, provenance, restore_run, run_state, save_checkpoint
 from c40.config import TrainConfig
 from c40.data import channel_stats, load_dataset, resolve_data_root
 from c40.ema import EMA
@@ -83,6 +83,7 @@ class RunState:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     params: int
+    provenance: dict                # the code and versions this process started with
     start_epoch: int = 0
     step: int = 0                   # optimizer steps so far
     history: list[dict] = field(default_factory=list)
@@ -146,7 +147,7 @@ def _setup(cfg: TrainConfig, device: torch.device, rank: int, world_size: int) -
         val_loader=(TensorLoader(val.images, val.labels, test_spec, device)
                     if val is not None and evaluates else None),
         classes=tuple(train.classes), mean=tuple(map(float, mean)), std=tuple(map(float, std)),
-        params=params)
+        params=params, provenance=provenance())
     if cfg.resume:
         ckpt_path = Path(cfg.out) / "checkpoint.pt"
         if not ckpt_path.is_file():
