@@ -64,6 +64,7 @@ def test_corrupt_batch_file_through_cli(tiny_cifar, tmp_path):
     (["--epochs", "0"], ["epochs must be >= 1"]),
     (["--lr", "-1"], ["lr must be > 0"]),
     (["--dropout", "1.0"], ["dropout must be in [0, 1)"]),
+    (["--jpeg-p", "1.5"], ["jpeg-p must be in [0, 1], got 1.5"]),
     (["--arch", "resnet50"], ["unknown arch 'resnet50'"]),
     (["--recipe", "slow"], ["unknown recipe 'slow'"]),
     (["--width", "3"], ["parameters", "200,000"]),

@@ -1,9 +1,13 @@
 """Corrupted test sets (`c40.corruptions`) on real CIFAR-10 test images, and `c40 eval
 --corruptions` on a checkpoint: deterministic, severity ordered, clean accuracy = `c40 eval`'s."""
+import io
 import json
 
 import numpy as np
 import pytest
+from PIL import Image
+
+from c40.augment import jpeg
 
 from c40.cli import main
 from c40.corruptions import CORRUPTIONS, corrupt
@@ -39,6 +43,21 @@ def test_corruptions_do_what_their_names_say(images):
     assert not np.array_equal(corrupt(images, "noise", 0.06, seed=1), noisy.astype(np.uint8))
     with pytest.raises(ValueError, match="unknown corruption 'fog'"):
         corrupt(images, "fog", 1)
+
+
+def _saved_by_pil(img: np.ndarray, quality: int) -> np.ndarray:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=quality)
+    return np.asarray(Image.open(buf).convert("RGB"))
+
+
+@pytest.mark.parametrize("quality", [75, 30])
+def test_jpeg_is_what_a_photo_tool_saves(images, quality):
+    """A user's photo was saved by a tool that encodes RGB as RGB. albumentations'
+    ImageCompression reads an RGB array as BGR (3.2 grey levels off at quality 75)."""
+    want = np.stack([_saved_by_pil(img, quality) for img in images])
+    assert np.array_equal(corrupt(images, "jpeg", quality), want)
+    assert np.array_equal(jpeg(images, [quality] * len(images)), want)
 
 
 def test_eval_corruptions_reports_every_severity_against_the_clean_accuracy(capsys, tiny_cifar,

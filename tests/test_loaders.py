@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from c40 import cpu_loader
-from c40.augment import create_albumentations
+from c40.augment import JPEG_QUALITY, create_albumentations, jpeg, normalize
 from c40.cpu_loader import AlbumentationsLoader, WorkerError
 from c40.data import channel_stats, load_cifar10
 from c40.loaders import LoaderSpec, TensorLoader
@@ -133,6 +133,32 @@ def test_augmented_rows_keep_their_labels(kind):
             assert (off_hole.flatten(1).float().mean(1) < 0.8).all()  # every image got a hole
             seen.append(y)
     assert sorted(torch.cat(seen).tolist()) == levels.tolist()
+
+
+@pytest.mark.parametrize("kind", ["tensor", "albu0"])
+def test_jpeg_augmentation_compresses_each_picked_image_at_a_quality_in_range(real, spec, kind):
+    """jpeg_p = 1 and nothing else: every row is its own image JPEG-compressed (exactly, by the
+    same libjpeg as `c40 eval --corruptions`) at some quality of JPEG_QUALITY, and the qualities
+    vary; jpeg_p = 0.5 compresses about half."""
+    images, labels = real[0][:192], np.arange(192)
+    s = replace(spec, p=0.0, flip_p=0.0, jpeg_p=1.0, shuffle=False)
+    norm = lambda im: normalize(torch.from_numpy(im).permute(0, 3, 1, 2).float(),  # noqa: E731
+                                torch.tensor(s.mean), torch.tensor(s.std))
+    qualities = range(JPEG_QUALITY[0], JPEG_QUALITY[1] + 1)
+    with LOADERS[kind](images, labels, s) as loader:
+        x, y = next(iter(loader))
+    found = []
+    for row, i in zip(x, y.tolist()):
+        match = [q for q in qualities
+                 if torch.allclose(row, norm(jpeg(images[i:i + 1], [q]))[0],
+                                   atol=1e-5)]
+        assert match, f"row of image {i} is no JPEG of it at quality {JPEG_QUALITY}"
+        found.append(match[0])
+    assert len(set(found)) > 20  # drawn, not fixed
+    with LOADERS[kind](images, labels, replace(s, jpeg_p=0.5)) as loader:
+        x, y = next(iter(loader))
+    same = [torch.allclose(row, norm(images[i:i + 1])[0], atol=1e-5) for row, i in zip(x, y.tolist())]
+    assert 0.3 < 1 - np.mean(same) < 0.7
 
 
 # ----------------------------------------------------------------------------- determinism

@@ -20,8 +20,8 @@ class Corruption(NamedTuple):
 
 
 def _jpeg(q):
-    import albumentations as A
-    return A.ImageCompression(quality_range=(int(q), int(q)), p=1.0)
+    from c40.augment import albumentations_jpeg
+    return albumentations_jpeg((int(q), int(q)))  # RGB as RGB, unlike A.ImageCompression
 
 
 def _blur(sigma):

@@ -77,7 +77,8 @@ def _worker(tasks, results, images, slots, spec: LoaderSpec, parent: int) -> Non
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes us
     cv2.setNumThreads(0)  # 32x32 images: threads only add contention with the other workers
     torch.set_num_threads(1)
-    compose = create_albumentations(spec.mean, spec.std, spec.p, normalize=False, flip_p=spec.flip_p) if spec.augment else None
+    compose = create_albumentations(spec.mean, spec.std, spec.p, normalize=False, flip_p=spec.flip_p,
+                                     jpeg_p=spec.jpeg_p) if spec.augment else None
     scratch, norm = np.empty(slots.shape[1:], np.uint8), _numpy_norm(spec)
     while True:
         try:
@@ -153,7 +154,8 @@ class AlbumentationsLoader:
             self._images = images
             self._slots = np.empty((1, b, *shape), np.float32)
             self._scratch, self._norm = np.empty((b, *shape), np.uint8), _numpy_norm(spec)
-            self._compose = (create_albumentations(spec.mean, spec.std, spec.p, normalize=False, flip_p=spec.flip_p)
+            self._compose = (create_albumentations(spec.mean, spec.std, spec.p, normalize=False,
+                                                   flip_p=spec.flip_p, jpeg_p=spec.jpeg_p)
                              if spec.augment else None)
             return
         ctx = mp.get_context("fork")  # workers inherit the shared-memory mappings: nothing is pickled

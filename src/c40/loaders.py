@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from c40.augment import apply_augment_, mean_fill, normalize_constants, plan_augment, to_device
+from c40.augment import apply_augment_, jpeg, mean_fill, normalize_constants, plan_augment, to_device
 
 
 @dataclass
@@ -33,6 +33,7 @@ class LoaderSpec:
     augment: bool = False            # apply the training augmentations
     p: float = 0.5                   # probability of the affine and of the cutout
     flip_p: float | None = None      # probability of the flip (None: same as p)
+    jpeg_p: float = 0.0              # probability of JPEG compression (c40.augment.jpeg)
     shuffle: bool = False
     drop_last: bool = False
     seed: int = 0
@@ -43,8 +44,9 @@ class LoaderSpec:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not 0 <= self.p <= 1:
-            raise ValueError(f"augmentation probability must be in [0, 1], got {self.p}")
+        for p in (self.p, self.jpeg_p):
+            if not 0 <= p <= 1:
+                raise ValueError(f"augmentation probability must be in [0, 1], got {p}")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is not in a world of {self.world_size}")
 
@@ -75,13 +77,15 @@ class TensorLoader:
     a quarter of float32: four fractional-GPU trials fit beside each other); a gathered batch is
     normalised as it is converted to float (`normalize_constants`, bit for bit what normalising
     the whole set once gives) and is then already channels_last. The augmentation plan is drawn
-    on the host (`plan_augment`), so a batch needs no host sync on CUDA."""
+    on the host (`plan_augment`), so a batch needs no host sync on CUDA. JPEG compression runs
+    on the host (libjpeg) on the few images the plan picks, read from the host copy; their
+    results go to the device and replace those rows before anything else."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, spec: LoaderSpec,
                  device: torch.device | str = "cpu"):
         self.spec, self.device = spec, torch.device(device)
         x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8))  # (N, H, W, 3)
-        self.images = to_device(x, self.device)
+        self.host_images, self.images = x.numpy(), to_device(x, self.device)
         self.labels = to_device(torch.from_numpy(np.asarray(labels, dtype=np.int64)), self.device)
         scale, shift = normalize_constants(spec.mean, spec.std)         # (3,) each
         self.scale, self.shift = scale.to(self.device), shift.to(self.device)
@@ -97,7 +101,8 @@ class TensorLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         spec = self.spec
-        order = torch.from_numpy(epoch_indices(len(self.labels), spec, self.epoch)).to(self.device)
+        host_order = epoch_indices(len(self.labels), spec, self.epoch)
+        order = torch.from_numpy(host_order).to(self.device)
         gen = torch.Generator()  # on the host: the plan's sizes never come back from the device
         gen.manual_seed(spec.seed * 1_000_003 + self.epoch * 7919 + spec.rank)
         _, h, w, _ = self.images.shape
@@ -105,10 +110,16 @@ class TensorLoader:
             idx = order[i * spec.batch_size:(i + 1) * spec.batch_size]
             plan = None
             if spec.augment:  # rows regrouped so each transform runs on a contiguous block
-                plan = plan_augment(len(idx), h, w, gen, self.device, spec.p, spec.flip_p)
+                plan = plan_augment(len(idx), h, w, gen, self.device, spec.p, spec.flip_p, spec.jpeg_p)
                 idx = idx.index_select(0, plan.order)
-            x = self.images.index_select(0, idx).float()               # (B, H, W, 3)
-            x = x.mul_(self.scale).sub_(self.shift).permute(0, 3, 1, 2)  # (B, 3, H, W) channels_last
+            x = self.images.index_select(0, idx)                        # (B, H, W, 3) uint8
+            if plan is not None and len(plan.jpeg[0]):
+                rows, src, quality = plan.jpeg
+                start = i * spec.batch_size
+                compressed = jpeg(self.host_images[host_order[start + src]], quality)
+                x[to_device(torch.from_numpy(rows), self.device)] = to_device(
+                    torch.from_numpy(compressed), self.device)
+            x = x.float().mul_(self.scale).sub_(self.shift).permute(0, 3, 1, 2)  # channels_last
             if plan is not None:
                 apply_augment_(x, plan, self.fill)
             if not spec.channels_last:
