@@ -18,7 +18,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -89,22 +88,9 @@ def check_ray_args(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     try:
         args.storage = location(args.storage, "--storage")
         args.data = data_location(args.data)
-        if is_uri(args.config):  # e.g. the search's s3://.../best_config.json
-            args.config = _download_config(args.config)
     except C40Error as e:
         parser.error(str(e))
     args.device = "cpu" if args.cpu else "cuda"
-
-
-def _download_config(uri: str) -> str:
-    """`--config URI` -> a local copy (c40.config reads local files)."""
-    try:
-        data = read_bytes(uri)
-    except OSError as e:
-        raise C40Error(f"--config {uri}: {_first_line(e)}") from None
-    local = Path(tempfile.mkdtemp(prefix="c40-config-")) / "config.json"
-    local.write_bytes(data)
-    return str(local)
 
 
 def location(value: str, what: str) -> str:
@@ -177,10 +163,6 @@ def write_bytes(location: str, data: bytes) -> str:
         f.write(data)
     fs.move(tmp, path)
     return location
-
-
-def read_bytes(location: str) -> bytes:
-    return read_bytes_fs(*filesystem(location))
 
 
 def write_json(location: str, obj) -> str:

@@ -35,6 +35,7 @@ from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
 
 from c40.config import TrainConfig, config_from_args, positive_float, positive_int  # noqa: E402
 from c40.errors import C40Error  # noqa: E402
+from c40.remote import read_bytes  # noqa: E402
 
 PLACEMENTS = ("auto", "PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD")
 
@@ -71,8 +72,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Train
         args.placement = "PACK" if args.cpu else "STRICT_PACK"
     args.name = rc.run_name(args, "c40")
     args.run = f"{args.storage}/{args.name}"
-    args.out = rc.location(args.out, "--out") if args.out else args.run
-    return args, config_from_args(args)
+    try:
+        args.out = rc.location(args.out, "--out") if args.out else args.run
+        return args, config_from_args(args)
+    except C40Error as e:
+        parser.error(str(e))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,7 +130,7 @@ def train(args: argparse.Namespace, cfg: TrainConfig) -> dict:
     dest = rc.copy_from_checkpoint(result.checkpoint, "checkpoint.pt", f"{args.out}/checkpoint.pt")
     rc.copy_from_checkpoint(result.checkpoint, "metrics.jsonl", f"{args.out}/metrics.jsonl")
     history = [json.loads(line) for line in
-               rc.read_bytes(f"{args.out}/metrics.jsonl").decode().splitlines() if line]
+               read_bytes(f"{args.out}/metrics.jsonl").decode().splitlines() if line]
     ret = result.return_value or {}  # rank 0's return value (of the last attempt)
     return {"test_acc": history[-1].get("test_acc", ret.get("test_acc")), "epochs": len(history),
             "params": params, "resumed_from_epoch": ret.get("resumed_from_epoch"),

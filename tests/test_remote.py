@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -100,7 +101,9 @@ def test_missing_and_partial_datasets_are_one_line_errors(aws, tiny_cifar):
 
 
 @pytest.mark.parametrize("script", ["distributed/train.py", "tune/search.py"])
-def test_scripts_check_storage_and_data_locations(script, aws, tiny_cifar, monkeypatch, capsys):
+def test_scripts_check_storage_and_data_locations(script, aws, tiny_cifar, monkeypatch, capsys,
+                                                  tmp_path):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # see what the scripts leave there
     pytest.importorskip("ray")
     mod = load_script(script)
     base = ["--cpu", "--name", "n"]
@@ -125,7 +128,8 @@ def test_scripts_check_storage_and_data_locations(script, aws, tiny_cifar, monke
     assert (cfg.width, cfg.dropout) == (0.75, 0.2)  # flags override the file
     with pytest.raises(SystemExit):
         mod.parse_args([*base, "--config", f"s3://{BUCKET}/none.json", "--data", str(tiny_cifar)])
-    assert "--config s3://" in capsys.readouterr().err
+    assert f"--config s3://{BUCKET}/none.json: " in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # the config was read, not downloaded to a temp folder
     monkeypatch.setattr(mod.rc, "IN_RAY_JOB", True)  # the job's cwd is a temp copy: refuse
     with pytest.raises(SystemExit):
         mod.parse_args([*base, "--storage", "runs/x", "--data", str(tiny_cifar)])

@@ -13,6 +13,7 @@ from ray import tune
 
 import _ray_common as rc
 from c40.errors import C40Error
+from c40.remote import read_bytes
 
 # name -> (low, high, log scale); width's bounds filter the legal widths
 RANGES = {"dropout": (0.0, 0.3, False), "lr": (0.05, 1.0, True),
@@ -89,7 +90,7 @@ def read_warm_start(location: str, space: dict) -> tuple[list[dict], list[float]
     if not location.endswith(".parquet"):
         location = f"{location.rstrip('/')}/results.parquet"
     try:
-        rows = pq.read_table(io.BytesIO(rc.read_bytes(location))).to_pylist()
+        rows = pq.read_table(io.BytesIO(read_bytes(location))).to_pylist()
     except (OSError, ValueError) as e:  # missing file, not parquet (ArrowInvalid)
         raise C40Error(f"--warm-start {location}: {rc.last_line(e)}") from None
     searched = {k: v for k, v in space.items() if hasattr(v, "sample")}

@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import json
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 
 from c40.errors import ConfigError
 
@@ -152,11 +151,14 @@ class TrainConfig:
 
 
 def read_config_file(path: str) -> dict:
-    """The fields of a `--config` JSON file (e.g. a search's best_config.json)."""
+    """The fields of a `--config` JSON file, a path or a URI (e.g. a search's best_config.json)."""
+    from c40.remote import read_bytes
+
     try:
-        d = json.loads(Path(path).read_text())
+        d = json.loads(read_bytes(path))
     except OSError as e:
-        raise ConfigError(f"--config {path}: {e.strerror}") from None
+        reason = e.strerror or (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"--config {path}: {reason}") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"--config {path}: not JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(d, dict):

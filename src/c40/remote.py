@@ -37,6 +37,15 @@ def filesystem(uri: str):
         raise DataError(f"{uri}: no filesystem for this URI ({_first_line(e)})") from None
 
 
+def read_bytes(location: str | os.PathLike) -> bytes:
+    """A whole file from a local path or a URI (any pyarrow filesystem)."""
+    if not is_uri(location):
+        return Path(location).read_bytes()
+    fs, path = filesystem(str(location))
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
 def list_dataset(uri: str) -> list[tuple[str, int]]:
     """(relative path, size) of every file of the remote dataset at `uri`, checked to be complete:
     a CIFAR-10 batch folder (data_batch_1..5 and test_batch) or an image folder
