@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from c40.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from c40.config import TrainConfig
@@ -158,21 +159,39 @@ def test_amp_auto_on_cuda_prefers_native_bf16(monkeypatch, native, expected):
 
 
 def test_ema_matches_torch_averaged_model():
+    """Decay 0.5: the warm-up's (1 + n) / (10 + n) for the first 8 updates, then 0.5."""
+    def warmed_up_ema(avg, live, n):
+        torch.optim.swa_utils.get_ema_multi_avg_fn(min(0.5, (1 + int(n)) / (10 + int(n))))(avg, live, n)
+
     torch.manual_seed(0)
     model = create_model("strided", width=0.5).train()
-    ref = torch.optim.swa_utils.AveragedModel(
-        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9), use_buffers=True)
-    ema = EMA(model, 0.9)
+    ref = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=warmed_up_ema, use_buffers=True)
+    ema = EMA(model, 0.5)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(4):
+    for _ in range(12):
         model(torch.randn(8, 3, 32, 32)).square().mean().backward()
         opt.step()
         ref.update_parameters(model)
         ema.update(model)
     mine, theirs = ema.state_dict(), ref.module.state_dict()
-    assert mine.keys() == theirs.keys() and ema.n_averaged == int(ref.n_averaged) == 4
+    assert mine.keys() == theirs.keys() and ema.n_averaged == int(ref.n_averaged) == 12
     for k in mine:
         assert torch.equal(mine[k], theirs[k]), k
+
+
+def test_ema_forgets_the_start_of_a_short_run():
+    """1,000 updates at decay 0.999 (2.6 epochs of batch 128): the weights of the first update
+    must be gone from the average (without the warm-up they still weigh 0.999^999 = 37%)."""
+    model = nn.Linear(4, 4)
+    ema = EMA(model, 0.999)
+    with torch.no_grad():
+        model.weight.zero_()
+        ema.update(model)
+        model.weight.fill_(1.0)
+        for _ in range(999):
+            ema.update(model)
+    assert ema.module.weight.min() > 0.999
+    assert ema.decay_at(20_000) == 0.999  # long runs average with the configured decay
 
 
 def test_tensor_loader_keeps_the_dataset_as_uint8():
