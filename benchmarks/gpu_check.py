@@ -9,7 +9,7 @@
                              one epoch with the albumentations loader
   5. compile                 torch.compile(dynamic=False) across the 24 -> 32 px switch
   6. loader_benchmark        benchmarks/loader.py (its CUDA column)
-  7. train_step_benchmark    benchmarks/train_step.py on the GPU
+  7. train_step_benchmark    benchmarks/train_step.py on the GPU, every arch, with its profile
   8. fast_recipe             the fast recipe on the full data: time to 85% and final accuracy
   9. ray_train_fault         Ray Train, 1 GPU worker killed once after epoch 1 and restored
  10. tune_search             a Tune search of 2 trials at 0.5 GPU each
@@ -179,8 +179,9 @@ def step_loader_benchmark(c: Check) -> dict:
 def step_train_step_benchmark(c: Check) -> dict:
     import train_step as bench
 
-    argv = ["--device", c.device] + (["--steps", "2", "--repeats", "1", "--warmup", "1"]
-                                     if c.dry else ["--steps", "100", "--repeats", "3", "--warmup", "10"])
+    argv = ["--device", c.device, "--archs", "strided,dilated,resnet"] + (
+        ["--steps", "2", "--repeats", "1", "--warmup", "1", "--profile", "1"] if c.dry
+        else ["--steps", "100", "--repeats", "3", "--warmup", "10", "--profile", "20"])
     res = bench.run(bench._parse(argv))
     return {k: v for k, v in res.items() if k != "machine"}
 

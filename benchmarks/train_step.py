@@ -5,6 +5,8 @@
       `resolve_amp("auto", device)` autocast (+ GradScaler for fp16; depthwise convs kept fp32
       under CPU bf16, as `fit` does), our SGD optimizer
   (c) (b) under `torch.compile`, with --compile
+With --profile N, also where (b)'s step spends its time: the ops with the most self time over N
+steps under torch.profiler (CPU time on a CPU, device time on CUDA).
 
 Every variant starts from the same initial weights (one seeded model, deep-copied) and trains on
 the same batch. W warm-up steps per round are excluded (compilation, allocator, cuDNN autotune);
@@ -68,6 +70,25 @@ def _images_per_s(step, warmup: int, steps: int, batch_size: int, device: torch.
     return steps * batch_size / (time.perf_counter() - t0)
 
 
+def profile_step(step, steps: int, device: torch.device, top: int = 12) -> list[dict]:
+    """The `top` ops by self time over `steps` steps (after one untimed step), per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key) > 0]
+    total = sum(getattr(e, key) for e in events)
+    return [{"op": e.key, "ms_per_step": round(getattr(e, key) / 1e3 / steps, 3),
+             "share": round(getattr(e, key) / total, 3), "calls_per_step": e.count // steps}
+            for e in sorted(events, key=lambda e: -getattr(e, key))[:top]]
+
+
 def _ratio(a: float | None, b: float) -> float | None:
     return None if a is None else round(a / b, 2)
 
@@ -92,6 +113,8 @@ def bench_arch(arch: str, args, device: torch.device) -> dict:
            "c40_vs_baseline": _ratio(med["c40"], med["baseline"]),
            "compiled_vs_baseline": _ratio(med.get("compiled"), med["baseline"]),
            "samples": {k: [round(s, 1) for s in v] for k, v in samples.items()}}
+    if args.profile:
+        res["profile"] = profile_step(variants["c40"], args.profile, device)
     return res
 
 
@@ -102,7 +125,7 @@ def run(args) -> dict:
     res["config"] = {"steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
                      "batch_size": args.batch_size, "width": args.width, "device": str(device),
                      "c40_amp": str(amp).replace("torch.", "") if amp else "off",
-                     "c40_channels_last": True, "compile": args.compile,
+                     "c40_channels_last": True, "compile": args.compile, "profile_steps": args.profile,
                      "batch": "synthetic randn, fixed"}
     res["machine"] = machine_info()
     return res
@@ -121,6 +144,8 @@ def _parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--width", type=float, default=1.0, help="channel multiplier")
     ap.add_argument("--compile", action="store_true", help="also time (b) under torch.compile")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ap.add_argument("--profile", type=non_negative_int, default=0, metavar="N",
+                    help="also profile N steps of (b): the ops with the most self time")
     return ap.parse_args(argv)
 
 
@@ -132,6 +157,8 @@ def _print_summary(res: dict, args) -> None:
             if r["compiled_img_s"] is not None else ""
         print(f"{arch:>8}: baseline {r['baseline_img_s']} img/s  c40 {r['c40_img_s']} "
               f"({r['c40_vs_baseline']}x){comp}")
+        for row in r.get("profile", [])[:8]:
+            print(f"          {row['share']:6.1%}  {row['ms_per_step']:8.2f} ms  {row['op']}")
 
 
 def main(argv=None) -> int:

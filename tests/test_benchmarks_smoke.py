@@ -54,7 +54,8 @@ def test_train_step_benchmark_json(tmp_path):
     out = tmp_path / "train_step.json"
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--json",
                         "--steps", "2", "--warmup", "1", "--repeats", "1", "--batch-size", "16",
-                        "--width", "0.5", "--archs", "strided,dilated", "--out", str(out)],
+                        "--width", "0.5", "--archs", "strided,dilated", "--out", str(out),
+                        "--profile", "2"],
                        capture_output=True, text=True, timeout=120, cwd=ROOT,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr
@@ -65,6 +66,9 @@ def test_train_step_benchmark_json(tmp_path):
         assert r["baseline_img_s"] > 0 and r["c40_img_s"] > 0 and r["c40_vs_baseline"] > 0
         assert r["compiled_img_s"] is None and r["compiled_vs_baseline"] is None  # no --compile
         assert 0 < r["params"] < 200_000 and len(r["samples"]["c40"]) == 1
+        ops = {row["op"] for row in r["profile"]}  # where the step's time goes
+        assert any("convolution" in op for op in ops), ops
+        assert 0 < sum(row["share"] for row in r["profile"]) <= 1.001
     c = res["config"]
     assert c["steps"] == 2 and c["batch_size"] == 16 and c["c40_channels_last"] is True
     assert c["c40_amp"] in ("off", "bfloat16", "float16")

@@ -135,7 +135,8 @@ def test_augmented_rows_keep_their_labels(kind):
     assert sorted(torch.cat(seen).tolist()) == levels.tolist()
 
 
-@pytest.mark.parametrize("kind", ["tensor", "albu0"])
+@pytest.mark.parametrize("kind", ["tensor", "albu0", pytest.param("tensor-cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
 def test_jpeg_augmentation_compresses_each_picked_image_at_a_quality_in_range(real, spec, kind):
     """jpeg_p = 1 and nothing else: every row is its own image JPEG-compressed (exactly, by the
     same libjpeg as `c40 eval --corruptions`) at some quality of JPEG_QUALITY, and the qualities
@@ -145,8 +146,9 @@ def test_jpeg_augmentation_compresses_each_picked_image_at_a_quality_in_range(re
     norm = lambda im: normalize(torch.from_numpy(im).permute(0, 3, 1, 2).float(),  # noqa: E731
                                 torch.tensor(s.mean), torch.tensor(s.std))
     qualities = range(JPEG_QUALITY[0], JPEG_QUALITY[1] + 1)
-    with LOADERS[kind](images, labels, s) as loader:
-        x, y = next(iter(loader))
+    make = (lambda im, lb, s: TensorLoader(im, lb, s, "cuda")) if kind == "tensor-cuda" else LOADERS[kind]
+    with make(images, labels, s) as loader:
+        x, y = (t.cpu() for t in next(iter(loader)))
     found = []
     for row, i in zip(x, y.tolist()):
         match = [q for q in qualities
@@ -155,8 +157,8 @@ def test_jpeg_augmentation_compresses_each_picked_image_at_a_quality_in_range(re
         assert match, f"row of image {i} is no JPEG of it at quality {JPEG_QUALITY}"
         found.append(match[0])
     assert len(set(found)) > 20  # drawn, not fixed
-    with LOADERS[kind](images, labels, replace(s, jpeg_p=0.5)) as loader:
-        x, y = next(iter(loader))
+    with make(images, labels, replace(s, jpeg_p=0.5)) as loader:
+        x, y = (t.cpu() for t in next(iter(loader)))
     same = [torch.allclose(row, norm(images[i:i + 1])[0], atol=1e-5) for row, i in zip(x, y.tolist())]
     assert 0.3 < 1 - np.mean(same) < 0.7
 

@@ -59,10 +59,9 @@ def _eval_corruptions(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from c40.inference import describe, evaluate_checkpoint, run_tta
-
     if args.corruptions:
         return _eval_corruptions(args)
+    from c40.inference import describe, evaluate_checkpoint, run_tta
 
     ev, state = evaluate_checkpoint(args.checkpoint, data=args.data, tta=args.tta,
                                     device=args.device)
