@@ -41,9 +41,11 @@ def test_missing_data_folder(tmp_path):
     assert not (tmp_path / "o").exists()  # a failed run leaves no empty output folder
 
 
-def test_default_data_folder_hint(tmp_path):
+def test_default_data_folder_hint(tmp_path, monkeypatch):
+    # a host that cannot be reached, whether or not this machine is online
+    monkeypatch.setattr("c40.data.CIFAR10_URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")
     env = {"C40_DATA": ""}
-    r = c40("train", "--out", str(tmp_path / "o"), env=env, cwd=tmp_path)  # offline here
+    r = c40("train", "--out", str(tmp_path / "o"), env=env, cwd=tmp_path)
     notice, error = r.stderr.strip().splitlines()
     assert "downloading CIFAR-10" in notice and r.returncode == 2 and "Traceback" not in r.stderr
     assert error.startswith("c40 train: error: could not download CIFAR-10")
