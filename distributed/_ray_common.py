@@ -25,7 +25,7 @@ import pyarrow.fs as pafs
 import ray
 import ray.cloudpickle
 
-from c40.errors import C40Error
+from c40.errors import C40Error, first_line
 from c40.remote import is_uri
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -102,7 +102,7 @@ def location(value: str, what: str) -> str:
         try:
             missing = bucket and fs.get_file_info(bucket).type == pafs.FileType.NotFound
         except OSError as e:  # credentials, endpoint, permissions
-            raise C40Error(f"{what} {value}: not reachable ({_first_line(e)})") from None
+            raise C40Error(f"{what} {value}: not reachable ({first_line(e)})") from None
         if missing:
             raise C40Error(f"{what} {value}: bucket '{bucket}' does not exist")
         return value.rstrip("/")
@@ -146,7 +146,7 @@ def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
     try:
         return pafs.FileSystem.from_uri(location)
     except (ValueError, OSError) as e:  # ArrowInvalid (unknown scheme) is a ValueError
-        raise C40Error(f"{location}: no filesystem for it ({_first_line(e)})") from None
+        raise C40Error(f"{location}: no filesystem for it ({first_line(e)})") from None
 
 
 def exists(location: str) -> bool:
@@ -232,7 +232,3 @@ def last_line(error: BaseException | None) -> str | None:
     if error is None:
         return None
     return (str(error).strip().splitlines() or [type(error).__name__])[-1][:300]
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

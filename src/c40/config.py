@@ -12,7 +12,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field, fields
 
-from c40.errors import ConfigError
+from c40.errors import ConfigError, first_line
 
 # What each recipe changes from the defaults (= `fast`). "cuda": values used instead when the
 # run's device is a GPU. On a GPU the 32-MFLOP net at batch 128 is launch-bound (tiny kernels),
@@ -157,8 +157,7 @@ def read_config_file(path: str) -> dict:
     try:
         d = json.loads(read_bytes(path))
     except OSError as e:
-        reason = e.strerror or (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ConfigError(f"--config {path}: {reason}") from None
+        raise ConfigError(f"--config {path}: {e.strerror or first_line(e)}") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"--config {path}: not JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(d, dict):

@@ -19,3 +19,8 @@ class CheckpointError(C40Error):
 
 class TrainingDiverged(C40Error):
     """The loss became NaN/Inf; the last good checkpoint is kept."""
+
+
+def first_line(e: BaseException) -> str:
+    """An exception as one short line (for one-line error messages)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

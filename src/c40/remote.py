@@ -15,7 +15,7 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from c40.errors import DataError
+from c40.errors import DataError, first_line
 
 CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -34,7 +34,7 @@ def filesystem(uri: str):
     try:
         return pafs.FileSystem.from_uri(uri)
     except (ValueError, OSError) as e:  # ArrowInvalid (unknown scheme) is a ValueError
-        raise DataError(f"{uri}: no filesystem for this URI ({_first_line(e)})") from None
+        raise DataError(f"{uri}: no filesystem for this URI ({first_line(e)})") from None
 
 
 def read_bytes(location: str | os.PathLike) -> bytes:
@@ -59,7 +59,7 @@ def list_dataset(uri: str) -> list[tuple[str, int]]:
     except FileNotFoundError:
         raise DataError(f"{uri}: no such dataset (nothing at that location)") from None
     except OSError as e:
-        raise DataError(f"{uri}: cannot list the dataset ({_first_line(e)})") from None
+        raise DataError(f"{uri}: cannot list the dataset ({first_line(e)})") from None
     files = sorted((i.path[len(base) + 1:], i.size) for i in infos if i.type == pafs.FileType.File)
     if not files:
         raise DataError(f"{uri}: no such dataset (no files at that location)")
@@ -115,7 +115,7 @@ def fetch_dataset(uri: str, cache: str | os.PathLike | None = None) -> Path:
             shutil.rmtree(dest, ignore_errors=True)  # an interrupted copy from an older run
             tmp.rename(dest)
         except OSError as e:
-            raise DataError(f"{uri}: download failed ({_first_line(e)})") from None
+            raise DataError(f"{uri}: download failed ({first_line(e)})") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return dest
@@ -130,7 +130,3 @@ def _locked(path: Path):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
