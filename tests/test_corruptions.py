@@ -76,6 +76,7 @@ def test_eval_corruptions_reports_every_severity_against_the_clean_accuracy(caps
                  "--corruptions"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["clean"] == plain["accuracy"] and res["tta"] is True
+    assert {"c40_commit", "torch", "albumentations", "opencv"} <= set(res["code"])  # reproducible
     assert set(res["corruptions"]) == set(CORRUPTIONS)
     for name, r in res["corruptions"].items():
         assert r["levels"] == list(CORRUPTIONS[name].levels)

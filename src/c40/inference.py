@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from c40.augment import normalize
-from c40.checkpoint import load_model
+from c40.checkpoint import load_model, provenance
 from c40.data import Dataset, load_dataset, resolve_data_root
 from c40.errors import C40Error, DataError
 from c40.evaluate import Evaluation, evaluate
@@ -75,14 +75,19 @@ def evaluate_corruptions(path, *, data=None, tta: bool | None = None, device: st
                          names: Sequence[str] | None = None, seed: int = 0) -> dict:
     """Test accuracy of the checkpoint on the clean test set and on each corrupted copy of it
     (`c40.corruptions`, every severity): {"clean": acc, "tta": bool, "corruptions": {name:
-    {"param", "levels", "accuracy", "drop"}}}; drop = clean - corrupted, in accuracy units."""
+    {"param", "levels", "accuracy", "drop"}}, "code": what made the corrupted sets};
+    drop = clean - corrupted, in accuracy units."""
+    import albumentations
+    import cv2
+
     from c40.corruptions import CORRUPTIONS, corrupt
 
     model, state, dev = _load(path, device)
     tta = run_tta(state, tta)
     ds = load_dataset(resolve_data_root(data), "test")
     clean = evaluate_model(model, state, ds, dev, tta=tta).accuracy
-    out = {"clean": clean, "tta": tta, "seed": seed, "corruptions": {}}
+    code = provenance() | {"albumentations": albumentations.__version__, "opencv": cv2.__version__}
+    out = {"clean": clean, "tta": tta, "seed": seed, "code": code, "corruptions": {}}
     for name in names or CORRUPTIONS:
         c = CORRUPTIONS[name]
         accs = [evaluate_model(model, state, Dataset(corrupt(ds.images, name, level, seed),
