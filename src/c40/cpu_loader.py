@@ -66,6 +66,14 @@ def _fill_batch(compose, images: np.ndarray, idx: np.ndarray, out: np.ndarray,
     np.subtract(out[:n], norm[1], out=out[:n])
 
 
+def _compose(spec: LoaderSpec):
+    """The per-image pipeline `spec` asks for (unnormalised: batches are normalised whole), or None."""
+    if not spec.augment:
+        return None
+    return create_albumentations(spec.mean, spec.std, spec.p, normalize=False, flip_p=spec.flip_p,
+                                 jpeg_p=spec.jpeg_p)
+
+
 def _numpy_norm(spec: LoaderSpec) -> tuple[np.ndarray, np.ndarray]:
     return tuple(t.numpy() for t in normalize_constants(spec.mean, spec.std))
 
@@ -77,8 +85,7 @@ def _worker(tasks, results, images, slots, spec: LoaderSpec, parent: int) -> Non
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes us
     cv2.setNumThreads(0)  # 32x32 images: threads only add contention with the other workers
     torch.set_num_threads(1)
-    compose = create_albumentations(spec.mean, spec.std, spec.p, normalize=False, flip_p=spec.flip_p,
-                                     jpeg_p=spec.jpeg_p) if spec.augment else None
+    compose = _compose(spec)
     scratch, norm = np.empty(slots.shape[1:], np.uint8), _numpy_norm(spec)
     while True:
         try:
@@ -154,9 +161,7 @@ class AlbumentationsLoader:
             self._images = images
             self._slots = np.empty((1, b, *shape), np.float32)
             self._scratch, self._norm = np.empty((b, *shape), np.uint8), _numpy_norm(spec)
-            self._compose = (create_albumentations(spec.mean, spec.std, spec.p, normalize=False,
-                                                   flip_p=spec.flip_p, jpeg_p=spec.jpeg_p)
-                             if spec.augment else None)
+            self._compose = _compose(spec)
             return
         ctx = mp.get_context("fork")  # workers inherit the shared-memory mappings: nothing is pickled
         n_slots = 2 * workers + 2     # enough for every worker to hold one and prefetch one more
