@@ -27,7 +27,9 @@ from c40.report import figure  # noqa: E402
 
 
 def _flags(arch: str, args, **extra) -> list[str]:
-    flags = ["--recipe", args.recipe, "--arch", arch, "--seed", str(args.seed)]
+    # the TTA mode is spelled out: the same command measures the same thing after a default moves
+    flags = ["--recipe", args.recipe, "--arch", arch, "--seed", str(args.seed),
+             "--tta", TrainConfig.from_recipe(args.recipe, device="cpu").tta]
     if args.data:
         flags += ["--data", args.data]
     extra = {"subset": args.subset, "test_subset": args.test_subset, **extra}

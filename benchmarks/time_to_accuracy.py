@@ -22,12 +22,16 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import machine_info, train_process, write_result  # noqa: E402
 
+from c40.config import TrainConfig  # noqa: E402
+
 TARGET = 0.85  # the assignment's test-accuracy bar
 
 
 def _command(recipe: str, seed: int, args) -> list[str]:
     """The `c40 train` flags of one run (--out and --no-progress are added by train_process)."""
-    cmd = ["--recipe", recipe, "--seed", str(seed)]
+    # the TTA mode is spelled out: the same command measures the same thing after a default moves
+    cmd = ["--recipe", recipe, "--seed", str(seed),
+           "--tta", TrainConfig.from_recipe(recipe, device="cpu").tta]
     if args.data:
         cmd += ["--data", args.data]
     epochs = args.epochs_reference if recipe == "reference" else args.epochs

@@ -59,3 +59,18 @@ def test_every_flag_has_help():
     add_config_flags(p)
     missing = [a.dest for a in p._actions if a.dest != "help" and not a.help]
     assert missing == []
+
+
+def test_tta_modes_from_flags_files_and_old_checkpoints(tmp_path):
+    assert TrainConfig().tta == "flip-shift"
+    assert [parse(*a).tta for a in (["--tta"], ["--no-tta"], ["--tta", "off"], ["--tta", "flip-shift"])] \
+        == ["flip", "off", "off", "flip-shift"]
+    # checkpoints and config files written before the modes said true/false
+    assert (TrainConfig(tta=True).tta, TrainConfig(tta=False).tta) == ("flip", "off")
+    f = tmp_path / "old.json"
+    f.write_text(json.dumps({"tta": False}))
+    assert parse("--config", str(f)).tta == "off"
+    with pytest.raises(ConfigError, match="unknown tta 'shift' \\(choose from off, flip, flip-shift\\)"):
+        TrainConfig(tta="shift")
+    with pytest.raises(SystemExit):  # argparse: invalid choice
+        parse("--tta", "mirror")

@@ -75,7 +75,7 @@ def test_eval_corruptions_reports_every_severity_against_the_clean_accuracy(caps
     assert main(["eval", "--checkpoint", ckpt, "--data", str(tiny_cifar), "--json",
                  "--corruptions"]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert res["clean"] == plain["accuracy"] and res["tta"] is True
+    assert res["clean"] == plain["accuracy"] and res["tta"] == "flip-shift"
     assert {"c40_commit", "torch", "albumentations", "opencv"} <= set(res["code"])  # reproducible
     assert set(res["corruptions"]) == set(CORRUPTIONS)
     for name, r in res["corruptions"].items():
@@ -86,5 +86,5 @@ def test_eval_corruptions_reports_every_severity_against_the_clean_accuracy(caps
     assert any(r["accuracy"][-1] != res["clean"] for r in res["corruptions"].values())
     assert main(["eval", "--checkpoint", ckpt, "--data", str(tiny_cifar), "--corruptions"]) == 0
     text = capsys.readouterr().out
-    assert text.startswith(f"clean accuracy {res['clean']:.4f} with flip TTA")
+    assert text.startswith(f"clean accuracy {res['clean']:.4f} with flip-shift TTA")
     assert "jpeg       quality 90:" in text and "brightness shift 0.1:" in text

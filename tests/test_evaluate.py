@@ -115,6 +115,27 @@ def test_tta_changes_nothing_for_flip_invariant_model():
                            _run(conv, images, labels).probs)  # TTA does act
 
 
+def test_flip_shift_averages_six_views_with_reflected_borders():
+    """flip-shift = the softmax averaged over the image, its mirror, and both moved by one pixel
+    up-left and down-right with reflected borders (computed here by hand in numpy)."""
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(3, 3, 3), nn.Flatten(), nn.Linear(3 * 30 * 30, 3))
+    images, labels = _data(n=9)
+    got = _run(conv, images, labels, tta="flip-shift").probs
+    x = (images.astype(np.float32) / 255 - 0.5) / 0.25                  # the loader's normalising
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    views = [x, x[:, :, ::-1]]
+    mirror_padded = np.pad(views[1], ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    views += [p[:, s:s + 32, s:s + 32] for p in (padded, mirror_padded) for s in (0, 2)]
+    with torch.no_grad():
+        want = np.mean([conv(torch.from_numpy(np.ascontiguousarray(v.transpose(0, 3, 1, 2))))
+                        .softmax(-1).numpy() for v in views], axis=0)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert not np.allclose(got, _run(conv, images, labels, tta="flip").probs)
+    assert np.array_equal(_run(conv, images, labels, tta=True).probs,    # bools: old checkpoints
+                          _run(conv, images, labels, tta="flip").probs)
+
+
 def test_evaluate_restores_training_mode_and_matches_loss():
     model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.5), nn.Linear(3, 3))
     model.train()

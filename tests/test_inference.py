@@ -69,32 +69,33 @@ def test_eval_json_agrees_with_report_summary(capsys, ckpt, data, tmp_path):
 
 
 def test_eval_uses_the_runs_own_tta_unless_told(capsys, ckpt, data, tmp_path):
-    """`c40 eval` reproduces what `c40 train` printed: flip TTA when the run evaluated with it
-    (the recipes do), unless --tta/--no-tta says otherwise."""
+    """`c40 eval` reproduces what `c40 train` printed: the run's own TTA mode (checkpoints from
+    before the modes saved true/false: flip/off), unless --tta [MODE]/--no-tta says otherwise."""
     import torch
 
     state = torch.load(ckpt, weights_only=True)
-    state["config"]["tta"] = True
+    state["config"]["tta"] = True  # a checkpoint from before the modes: flip
     with_tta = tmp_path / "tta.pt"
     torch.save(state, with_tta)
     runs = {}
     for name, path, flags in [("own_off", ckpt, []), ("own_on", with_tta, []),
-                              ("forced_off", with_tta, ["--no-tta"]), ("forced_on", ckpt, ["--tta"])]:
+                              ("forced_off", with_tta, ["--no-tta"]), ("forced_on", ckpt, ["--tta"]),
+                              ("six_views", ckpt, ["--tta", "flip-shift"])]:
         rc, out, _ = _cli(capsys, "eval", "--checkpoint", path, "--data", data, "--json",
                           "--device", "cpu", *flags)
         assert rc == 0
         runs[name] = json.loads(out)
-    assert [runs[k]["tta"] for k in ("own_off", "own_on", "forced_off", "forced_on")] == \
-        [False, True, False, True]
+    assert [runs[k]["tta"] for k in ("own_off", "own_on", "forced_off", "forced_on", "six_views")] \
+        == ["off", "flip", "off", "flip", "flip-shift"]
     assert runs["own_on"]["accuracy"] == runs["forced_on"]["accuracy"]
     assert runs["own_off"]["accuracy"] == runs["forced_off"]["accuracy"]
-    assert runs["own_on"]["loss"] != runs["own_off"]["loss"]  # TTA really ran
+    assert len({runs[k]["loss"] for k in ("own_off", "own_on", "six_views")}) == 3  # TTA really ran
 
 
 def test_eval_text_and_tta(capsys, ckpt, data):
     rc, out, _ = _cli(capsys, "eval", "--checkpoint", ckpt, "--data", data, "--tta",
                       "--device", "cpu")
-    assert rc == 0 and f"on {N_TEST} test images" in out and "airplane" in out
+    assert rc == 0 and f"on {N_TEST} test images with flip TTA" in out and "airplane" in out
 
 
 def test_predict(capsys, ckpt, tmp_path):

@@ -42,6 +42,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tta_text(mode: str) -> str:
+    return "" if mode == "off" else f" with {mode} TTA"
+
+
 def _eval_corruptions(args: argparse.Namespace) -> int:
     from c40.inference import evaluate_corruptions
 
@@ -49,7 +53,7 @@ def _eval_corruptions(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"checkpoint": str(args.checkpoint), **res}))
         return 0
-    print(f"clean accuracy {res['clean']:.4f}{' with flip TTA' if res['tta'] else ''}; "
+    print(f"clean accuracy {res['clean']:.4f}{_tta_text(res['tta'])}; "
           "accuracy (change in points) at severity 1..5:")
     for name, r in res["corruptions"].items():
         cells = "  ".join(f"{r['param']} {lv:g}: {a:.4f} ({-d * 100:+.1f})"
@@ -69,8 +73,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(describe(ev, state, args.checkpoint, tta=used_tta)))
     else:
-        tta = " with flip TTA" if used_tta else ""
-        print(f"{state['config']['arch']}: accuracy {ev.accuracy:.4f} on {ev.n} test images{tta} "
+        print(f"{state['config']['arch']}: accuracy {ev.accuracy:.4f} on {ev.n} test images"
+              f"{_tta_text(used_tta)} "
               f"(top-5 {ev.topk_accuracy(5):.4f}, loss {ev.loss:.4f}, "
               f"params {state['params']:,})")
         for name, acc in zip(ev.classes, ev.per_class_accuracy()):
@@ -117,7 +121,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from c40.config import add_config_flags
+    from c40.config import TTA_MODES, add_config_flags, add_tta_flags
     from c40.inference import EXPORT_FORMATS
     from c40.model import list_models
 
@@ -140,8 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--data", default=None)
     e.add_argument("--device", default="auto")
-    e.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                   help="average with the horizontal flip (default: as the training run evaluated)")
+    tta_help = (f"test-time augmentation: {' | '.join(TTA_MODES)} (bare --tta: flip; default: "
+                "what the training run evaluated with)")
+    add_tta_flags(e, tta_help)
     e.add_argument("--corruptions", action="store_true",
                    help="also test under JPEG compression, blur, noise and brightness at five "
                         "severities each (c40.corruptions)")
@@ -155,8 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the history saved in the checkpoint)")
     r.add_argument("--data", default=None)
     r.add_argument("--device", default="auto")
-    r.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                   help="average with the horizontal flip (default: as the training run evaluated)")
+    add_tta_flags(r, tta_help)
     r.set_defaults(func=_cmd_report)
 
     pr = sub.add_parser("predict", help="class and confidence of image files (resized to 32x32)")

@@ -14,6 +14,19 @@ from dataclasses import dataclass, field, fields
 
 from c40.errors import ConfigError, first_line
 
+# Test-time augmentation modes: the views whose softmax c40.evaluate averages (`tta_views`).
+TTA_MODES = ("off", "flip", "flip-shift")
+
+
+def tta_mode(value) -> str:
+    """A TTA setting as one of TTA_MODES. True/False (what checkpoints saved before the modes)
+    read as flip/off."""
+    if isinstance(value, bool):
+        return "flip" if value else "off"
+    if value not in TTA_MODES:
+        raise ConfigError(f"unknown tta '{value}' (choose from {', '.join(TTA_MODES)})")
+    return value
+
 # What each recipe changes from the defaults (= `fast`). "cuda": values used instead when the
 # run's device is a GPU. On a GPU the 32-MFLOP net at batch 128 is launch-bound (tiny kernels),
 # so GPU recipes take 4x larger batches with the learning rate scaled by sqrt(4). Measured on
@@ -80,7 +93,9 @@ class TrainConfig:
                           "bf16, fp16 + GradScaler on older GPUs, else off)")
     channels_last: bool = _f(True, "NHWC memory format for the model and batches")
     compile: bool = _f(False, "torch.compile the model (static shapes: one graph per resolution)")
-    tta: bool = _f(True, "horizontal-flip test-time augmentation at evaluation")
+    tta: str = _f("flip-shift", "test-time augmentation at evaluation: off | flip (the image and "
+                                "its mirror) | flip-shift (both, each also shifted 1 px up-left "
+                                "and down-right: 6 views)")
     subset: int | None = _f(None, "use only the first N training images")
     test_subset: int | None = _f(None, "use only the first N test images")
     val_split: int = _f(0, "hold out N training images, evaluated every epoch (0: none)")
@@ -101,6 +116,7 @@ class TrainConfig:
             raise ConfigError(f"unknown recipe '{self.recipe}' (choose from {', '.join(RECIPES)})")
         if self.arch not in list_models():
             raise ConfigError(f"unknown arch '{self.arch}' (choose from {', '.join(list_models())})")
+        self.tta = tta_mode(self.tta)
         checks = [
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch-size must be >= 1, got {self.batch_size}"),
@@ -201,6 +217,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         help_ = f.metadata.get("help")
+        if f.name == "tta":
+            add_tta_flags(parser, help_)
+            continue
         if type(f.default) is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
             continue
@@ -208,6 +227,14 @@ def add_config_flags(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
         if type(f.default) in (int, float):
             kind = type(f.default)
         parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=help_)
+
+
+def add_tta_flags(parser: argparse.ArgumentParser, help: str) -> None:
+    """`--tta [MODE]` (bare: flip) and `--no-tta` (= --tta off); unset: None."""
+    parser.add_argument("--tta", nargs="?", const="flip", choices=TTA_MODES, default=None,
+                        metavar="MODE", help=help)
+    parser.add_argument("--no-tta", dest="tta", action="store_const", const="off",
+                        help="same as --tta off")
 
 
 def config_from_args(args: argparse.Namespace, cls=TrainConfig) -> TrainConfig:

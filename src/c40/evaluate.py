@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from c40.config import tta_mode
 from c40.precision import autocast
 
 
@@ -133,13 +134,30 @@ class Evaluation:
         }
 
 
+def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
+    """The views of a batch (B, C, H, W) whose predictions `mode` averages (c40.config.TTA_MODES):
+    off: the batch; flip: it and its left-right mirror; flip-shift: those two, each also moved
+    1 px up-left and 1 px down-right with reflected borders (airbench's translate views)."""
+    views = [x] if mode == "off" else [x, x.flip(3)]
+    if mode == "flip-shift":
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) \
+            else torch.contiguous_format
+        h, w = x.shape[2:]
+        for v in views[:2]:
+            padded = F.pad(v, (1, 1, 1, 1), mode="reflect")
+            views += [padded[:, :, s:s + h, s:s + w].contiguous(memory_format=fmt) for s in (0, 2)]
+    return views
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, classes, *, amp_dtype: torch.dtype | None = None,
-             tta: bool = False) -> Evaluation:
+             tta: str | bool = "off") -> Evaluation:
     """Run `model` (switched to eval mode, restored afterwards) over an unshuffled loader.
 
-    tta: average the softmax of the image and its horizontal mirror.
+    tta: a c40.config.TTA_MODES mode (True/False: flip/off); the softmax is averaged over the
+    views `tta_views` makes.
     """
+    mode = tta_mode(tta)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -147,12 +165,8 @@ def evaluate(model: nn.Module, loader, classes, *, amp_dtype: torch.dtype | None
     try:
         for x, y in loader:
             with autocast(device, amp_dtype):
-                logits = model(x).float()
-                if tta:
-                    logits = torch.stack([logits, model(x.flip(3)).float()])
-            p = logits.softmax(-1)
-            if tta:
-                p = p.mean(0)
+                logits = torch.stack([model(v).float() for v in tta_views(x, mode)])
+            p = logits.softmax(-1).mean(0)
             probs.append(p)
             losses.append(F.nll_loss(p.clamp_min(1e-12).log(), y, reduction="none"))
             labels.append(y)

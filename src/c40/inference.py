@@ -19,6 +19,7 @@ from torch import nn
 
 from c40.augment import normalize
 from c40.checkpoint import load_model, provenance
+from c40.config import tta_mode
 from c40.data import Dataset, load_dataset, resolve_data_root
 from c40.errors import C40Error, DataError
 from c40.evaluate import Evaluation, evaluate
@@ -31,7 +32,7 @@ EXPORT_FORMATS = ("pt2", "onnx", "torchscript", "weights")  # pt2 (torch.export)
 
 # ---------------------------------------------------------------------------- evaluation
 def evaluate_model(model: nn.Module, state: dict, ds: Dataset, device: torch.device, *,
-                   tta: bool = False) -> Evaluation:
+                   tta: str | bool = "off") -> Evaluation:
     """`model` on `ds`, normalised with the checkpoint's training statistics."""
     trained_on = tuple(state.get("classes") or ds.classes)
     if trained_on != tuple(ds.classes):
@@ -56,26 +57,27 @@ def _load(path, device: str) -> tuple[nn.Module, dict, torch.device]:
     return model.to(dev, memory_format=torch.channels_last), state, dev
 
 
-def run_tta(state: dict, tta: bool | None) -> bool:
+def run_tta(state: dict, tta: str | bool | None) -> str:
     """`tta` if given, else what the training run evaluated with (its config's `tta`), so
-    `c40 eval` reproduces the accuracy `c40 train` printed."""
-    return bool(state["config"].get("tta", False)) if tta is None else tta
+    `c40 eval` reproduces the accuracy `c40 train` printed; a c40.config.TTA_MODES mode."""
+    return tta_mode(state["config"].get("tta", False) if tta is None else tta)
 
 
-def evaluate_checkpoint(path, *, data=None, tta: bool | None = None, device: str = "auto",
+def evaluate_checkpoint(path, *, data=None, tta: str | bool | None = None, device: str = "auto",
                         split: str = "test") -> tuple[Evaluation, dict]:
     """The checkpoint's model on a split of the data, normalised with its training statistics.
-    Flip TTA ran when `run_tta(state, tta)` is true."""
+    Evaluated with the TTA mode `run_tta(state, tta)`."""
     model, state, dev = _load(path, device)
     ds = load_dataset(resolve_data_root(data), split)
     return evaluate_model(model, state, ds, dev, tta=run_tta(state, tta)), state
 
 
-def evaluate_corruptions(path, *, data=None, tta: bool | None = None, device: str = "auto",
+def evaluate_corruptions(path, *, data=None, tta: str | bool | None = None, device: str = "auto",
                          names: Sequence[str] | None = None, seed: int = 0) -> dict:
     """Test accuracy of the checkpoint on the clean test set and on each corrupted copy of it
-    (`c40.corruptions`, every severity): {"clean": acc, "tta": bool, "corruptions": {name:
-    {"param", "levels", "accuracy", "drop"}}, "code": what made the corrupted sets};
+    (`c40.corruptions`, every severity): {"clean": acc, "tta": mode, "corruptions": {name:
+    {"param", "levels", "accuracy", "drop"}}, "code": what made the corrupted sets}; tta is
+    the c40.config.TTA_MODES mode used;
     drop = clean - corrupted, in accuracy units."""
     import albumentations
     import cv2
@@ -98,7 +100,7 @@ def evaluate_corruptions(path, *, data=None, tta: bool | None = None, device: st
     return out
 
 
-def describe(ev: Evaluation, state: dict, checkpoint, *, tta: bool) -> dict:
+def describe(ev: Evaluation, state: dict, checkpoint, *, tta: str) -> dict:
     """`ev.to_dict()` plus what produced it: the dict `c40 eval --json` prints and
     summary.json holds."""
     cfg = state["config"]
@@ -107,7 +109,7 @@ def describe(ev: Evaluation, state: dict, checkpoint, *, tta: bool) -> dict:
                            "checkpoint": str(checkpoint), "classes": list(ev.classes)}
 
 
-def report_checkpoint(path, out, *, data=None, tta: bool | None = None, device: str = "auto",
+def report_checkpoint(path, out, *, data=None, tta: str | bool | None = None, device: str = "auto",
                       metrics=None) -> dict[str, Path]:
     """Evaluate a checkpoint on the test set and write the full report into `out`.
 
