@@ -203,7 +203,15 @@ def _script(c: Check, argv: list[str], env: dict | None = None) -> dict:
     p = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=ROOT,
                        env={**os.environ, **(env or {})}, timeout=300)
     _require(p.returncode == 0, f"{argv[0]} exited {p.returncode}: {(p.stderr.strip().splitlines() or [''])[-1][:300]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    # the script's summary is its last JSON line, not its last line: Ray forwards worker logs to
+    # the driver's stdout asynchronously, so one can land after it
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+    raise AssertionError(f"{argv[0]}: no JSON line in its output")
 
 
 def step_ray_train_fault(c: Check) -> dict:

@@ -202,6 +202,19 @@ def test_gpu_check_dry_run_runs_every_step_on_cpu(data_dir, tmp_path):
     assert res["dry_run"] and res["machine"]["device_name"] == "cpu"
 
 
+def test_gpu_check_reads_a_scripts_json_line_when_ray_logs_after_it():
+    """Ray forwards worker logs to the driver's stdout asynchronously: a line can land after the
+    script's JSON summary (it failed the tune_search step of a CI run)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    late = "import json; print('banner'); print(json.dumps({'a': 1})); print('(train_trial pid=7) bye')"
+    assert gpu_check._script(None, ["-c", late]) == {"a": 1}
+    with pytest.raises(AssertionError, match="no JSON line"):
+        gpu_check._script(None, ["-c", "print('only logs')"])
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the check would run")
 def test_gpu_check_refuses_to_run_without_a_gpu(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--out",
