@@ -30,6 +30,8 @@ def test_searched_flags_given_on_the_command_line_are_fixed(search, tiny_cifar):
     assert base.val_split == 128 and base.device == "cpu" and Path(base.data).is_absolute()
     args, base = search.parse_args(tiny)
     assert args.device == "auto" and args.search == "optuna" and args.gpus_per_trial is None
+    # trials evaluate every epoch: 2 views (flip), not the recipes' 6, unless asked
+    assert base.tta == "flip" and search.parse_args([*tiny, "--tta", "flip-shift"])[1].tta == "flip-shift"
     for bad in (["--num-samples", "0"], ["--width", "1.25"],  # 295,570 params: every trial over
                 ["--cpu", "--gpus-per-trial", "0.5"], ["--device", "cuda:1"],
                 ["--search", "random", "--warm-start", "x.parquet"], ["--range", "lr=1:0.1"]):
@@ -73,7 +75,8 @@ def test_search_rejects_over_limit_configs_and_survives_a_failing_trial(search, 
     s = json.loads(lines[-1][len("SUMMARY "):])
     assert (s["trials"], s["ok"], s["rejected"], s["failed"]) == (3, 1, 1, 1), s
     assert s["best_config"]["width"] == 0.5 and s["dropout"] == 0.1 and s["lr"] == 0.1
-    assert "nan_at_step" not in json.loads(Path(s["best_config_json"]).read_text())
+    retrain = json.loads(Path(s["best_config_json"]).read_text())
+    assert "nan_at_step" not in retrain and "tta" not in retrain  # evaluation views: the recipe's
     assert 0.0 <= s["val_acc"] <= 1.0 and 0.0 <= s["test_acc"] <= 1.0
 
     import pyarrow.csv as pacsv

@@ -16,7 +16,8 @@ fine. Retrain the winner with distributed/train.py --config best_config.json.
   `--width 0.75`) is fixed instead of sampled.
 - `--search optuna` (the default: Optuna's TPE, measured better than random here; see the
   README) or `random`; ASHA stops weak trials early on `val_acc` (`--val-split` images held out
-  of the training set); the test set is read once per finished trial. `--warm-start` tells TPE
+  of the training set), evaluated with flip TTA (`--tta` to change); the test set is read once
+  per finished trial. `--warm-start` tells TPE
   a previous search's results (its results.parquet) before the first trial.
 - `--device auto` (default): GPUs when a node or an autoscaler node type has one, else CPUs.
   A trial request that nothing in the cluster can hold is a one-line error, not a wait.
@@ -54,8 +55,12 @@ from c40.errors import C40Error  # noqa: E402
 
 SEARCHED = space_.SEARCHED
 DEFAULT_SEARCH = "optuna"
-# left out of best_config.json: where a run happens and the slice of data the search used
-NOT_RETRAINED = ("out", "resume", "device", "data", "subset", "test_subset", "val_split")
+# left out of best_config.json: where a run happens, the slice of data the search used and the
+# views the trials were evaluated with (TTA never changes the weights)
+NOT_RETRAINED = ("out", "resume", "device", "data", "subset", "test_subset", "val_split", "tta")
+# Trials evaluate every epoch (ASHA's val_acc): 2 views, not the recipes' 6 (flip-shift costs
+# 3x flip per evaluation); `--tta MODE` chooses otherwise.
+SEARCH_TTA = "flip"
 
 
 def train_trial(config: dict, base: dict, fault: dict | None) -> None:
@@ -126,6 +131,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Train
     args.run = f"{args.storage}/{args.name}"
     if args.val_split is None:  # 10% of the training images (of --subset when given)
         args.val_split = max(1, (args.subset or 50_000) // 10)
+    if args.tta is None:
+        args.tta = SEARCH_TTA
     try:
         args.ranges = {n: (lo, hi, space_.RANGES[n][2]) for n, lo, hi in map(space_.parse_range, args.range)}
         base = config_from_args(args)
