@@ -30,7 +30,7 @@ def test_gpu_values_apply_only_on_cuda(monkeypatch):
     gpu = TrainConfig.from_recipe("best", device="cuda")
     assert (cpu.batch_size, cpu.lr) == (128, 0.2)
     assert (gpu.batch_size, gpu.lr) == (RECIPES["best"]["cuda"]["batch_size"], RECIPES["best"]["cuda"]["lr"])
-    assert gpu.epochs == cpu.epochs == 120
+    assert gpu.epochs == cpu.epochs == 200 and gpu.arch == cpu.arch == "resnet"
     assert TrainConfig.from_recipe("best", device="cuda", lr=0.1).lr == 0.1  # overrides win
     assert TrainConfig.from_recipe("reference", device="cuda").batch_size == 128  # the same everywhere
 
