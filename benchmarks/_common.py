@@ -28,6 +28,18 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _cpu_generation() -> str | None:
+    """x86 "family F model M" from /proc/cpuinfo: "AMD EPYC" names hosts of different
+    generations here (family 26 runs the fast recipe ~1.9x faster than the earlier bf16 host)."""
+    try:
+        pairs = (line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith(("cpu family", "model\t")))
+        fields = {k.strip(): v.strip() for k, v in pairs}
+        return f"family {fields['cpu family']} model {fields['model']}"
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def _git_commit() -> str | None:
     """HEAD of the checkout this script lives in, with '-dirty' when tracked files changed."""
     root = Path(__file__).resolve().parent.parent
@@ -55,7 +67,8 @@ def machine_info() -> dict:
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "cpu_model": _cpu_model(),
-        "cpu_bf16": cpu_has_native_bf16(),  # AVX512-BF16/AMX: CPU bf16 autocast is on (amp=auto)
+        "cpu_bf16": cpu_has_native_bf16(),
+        "cpu_generation": _cpu_generation(),  # AVX512-BF16/AMX: CPU bf16 autocast is on (amp=auto)
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -82,13 +82,15 @@ def _summary(runs: list[dict]) -> dict | None:
             "all_reached_85": None not in to85}
 
 
-MACHINE_KEYS = ("cpu_model", "device_name", "cpu_count", "cpu_bf16")
+MACHINE_KEYS = ("cpu_model", "device_name", "cpu_count", "cpu_bf16", "cpu_generation")
 
 
 def _same_machine(a: dict, b: dict) -> bool:
-    """Same CPU model, device, core count and bf16 support ("AMD EPYC" names both AVX2-only and
-    AVX512-BF16 hosts here, with 2x different speed). Results written before cpu_bf16 was
-    recorded (2026-11-28) lack it and are matched on the other keys."""
+    """Same CPU model, generation, device, core count and bf16 support ("AMD EPYC" names
+    AVX2-only and AVX512-BF16 hosts of two generations here, up to ~4x apart in speed). A result
+    written before cpu_bf16 was recorded (2026-11-28) is matched on the other keys; one without
+    cpu_generation (before 2026-12-05) is another machine: a 1.9x faster host of the same name
+    and bf16 flag came then."""
     return all(a.get(k, b.get(k)) == b.get(k) if k == "cpu_bf16" else a.get(k) == b.get(k)
                for k in MACHINE_KEYS)
 

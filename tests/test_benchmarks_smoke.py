@@ -146,15 +146,21 @@ def test_frontier_sizes_each_run_to_its_budget_and_skips_on_rerun(tiny_cifar, tm
 
 def test_time_to_accuracy_never_mixes_machines():
     """Results of another machine are dropped, not merged: the CPU model string alone ("AMD
-    EPYC") does not tell a 2x faster AVX512-BF16 host from an AVX2 one, so bf16 support counts."""
+    EPYC") does not tell a 2x faster AVX512-BF16 host from an AVX2 one, nor two generations of
+    bf16 hosts, so bf16 support and the CPU family/model count."""
     from conftest import load_script
 
     tta = load_script("benchmarks/time_to_accuracy.py")
-    here = {"cpu_model": "AMD EPYC", "device_name": "cpu", "cpu_count": 2, "cpu_bf16": True}
+    here = {"cpu_model": "AMD EPYC", "device_name": "cpu", "cpu_count": 2, "cpu_bf16": True,
+            "cpu_generation": "family 26 model 2"}
     assert tta._same_machine(dict(here), here)
     assert not tta._same_machine({**here, "cpu_bf16": False}, here)
     assert not tta._same_machine({**here, "cpu_count": 16}, here)
     assert not tta._same_machine({**here, "device_name": "NVIDIA H100"}, here)
+    # same name and bf16 flag, another generation: 1.9x apart in speed here (2026-12-05)
+    assert not tta._same_machine({**here, "cpu_generation": "family 25 model 17"}, here)
+    unknown = {k: v for k, v in here.items() if k != "cpu_generation"}  # before it was recorded
+    assert not tta._same_machine(unknown, here)
     legacy = {k: v for k, v in here.items() if k != "cpu_bf16"}  # written before it was recorded
     assert tta._same_machine(legacy, here)
 

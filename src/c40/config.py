@@ -34,9 +34,10 @@ def tta_mode(value) -> str:
 # 85.13% in 11 epochs and 85.93% in 14 (batch 128: 85.69% in 11), hence 14 epochs on a GPU.
 # best and dilated at batch 512 are not measured yet (benchmarks/gpu_check.py measures fast).
 RECIPES: dict[str, dict] = {
-    # the default: >= 85% as fast as we can on a CPU. On this project's 2-core AVX512-BF16 CPU
-    # (bf16 autocast): 11 epochs (the first 6 at 24 px, 0.56x FLOPs) gave 85.86% mean of 3 seeds
-    # in 216 s (benchmarks/results/time_to_accuracy.json).
+    # the default: >= 85% as fast as we can on a CPU. On a 2-core AVX512-BF16 EPYC (family 26,
+    # bf16 autocast): 9 epochs (the first 4 at 24 px, 0.56x FLOPs) with flip-shift TTA gave 85.60%
+    # mean of 3 seeds in 102.6 s, 11 epochs 86.39% in 119.9 s on that host (1.17x the time;
+    # benchmarks/results/time_to_accuracy*.json). 8 epochs: 84.76% (seed 0).
     "fast": dict(cuda=dict(batch_size=512, lr=0.4, epochs=14)),
     # the most accuracy: the resnet arch, a long schedule, stronger augmentation, EMA of the
     # weights; 40% of the epochs at 24 px. 93.13% (weights/resnet_best200.pt) in 75 min of the
@@ -71,7 +72,7 @@ class TrainConfig:
     arch: str = _f("strided", "model name in the c40.model registry")
     width: float = _f(1.0, "channel multiplier (params must stay < 200k)")
     dropout: float = _f(0.0, "dropout probability after each block and before the head")
-    epochs: int = _f(11, "passes over the training set")
+    epochs: int = _f(9, "passes over the training set")
     batch_size: int = _f(128, "images per optimizer step (global across workers)")
     lr: float = _f(0.2, "peak learning rate of the schedule")
     schedule: str = _f("onecycle", "onecycle | constant")
