@@ -67,8 +67,8 @@ def machine_info() -> dict:
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "cpu_model": _cpu_model(),
-        "cpu_bf16": cpu_has_native_bf16(),
-        "cpu_generation": _cpu_generation(),  # AVX512-BF16/AMX: CPU bf16 autocast is on (amp=auto)
+        "cpu_bf16": cpu_has_native_bf16(),  # AVX512-BF16/AMX: CPU bf16 autocast is on (amp=auto)
+        "cpu_generation": _cpu_generation(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
