@@ -84,6 +84,24 @@ def machine_info() -> dict:
     return info
 
 
+MACHINE_KEYS = ("cpu_model", "device_name", "cpu_count", "cpu_bf16", "cpu_generation")
+
+
+def same_machine(a: dict, b: dict) -> bool:
+    """Whether two results' `machine_info` describe one machine (the benchmarks never mix
+    machines): same CPU model, generation, device, core count and bf16 support ("AMD EPYC" names
+    AVX2-only and AVX512-BF16 hosts of two generations here, up to ~4x apart in speed). A result
+    written before cpu_bf16 was recorded (2026-11-28) is matched on the other keys; one without
+    cpu_generation (before 2026-12-05) is another machine: a 1.9x faster host of the same name
+    and bf16 flag came then."""
+    return all(a.get(k, b.get(k)) == b.get(k) if k == "cpu_bf16" else a.get(k) == b.get(k)
+               for k in MACHINE_KEYS)
+
+
+def machine_line(m: dict) -> str:
+    return ", ".join(f"{k}={m.get(k)!r}" for k in MACHINE_KEYS)
+
+
 def write_result(path: str | os.PathLike, result: dict) -> Path:
     """Write `result` as JSON to `path` atomically: readers see the old file or the whole new one."""
     from c40.files import write_text

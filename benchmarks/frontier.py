@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import arch_names, machine_info, portable, train_process, write_result  # noqa: E402
+from _common import (arch_names, machine_info, portable, same_machine,  # noqa: E402
+                     train_process, write_result)
 
 from c40.config import RECIPES, TrainConfig, positive_int  # noqa: E402
 from c40.report import figure  # noqa: E402
@@ -107,8 +108,7 @@ def main(argv=None) -> int:
         old = json.loads(json_path.read_text()) if json_path.exists() else {}
     except ValueError:
         old = {}
-    same = all(old.get("machine", {}).get(k) == machine[k] for k in ("cpu_model", "cpu_bf16",
-                                                                      "cpu_count", "device_name"))
+    same = same_machine(old.get("machine", {}), machine)
     result = {"recipe": args.recipe, "seed": args.seed, "archs": old.get("archs", {}) if same else {},
               "machine": machine}
     try:

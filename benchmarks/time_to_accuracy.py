@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine_info, train_process, write_result  # noqa: E402
+from _common import (machine_info, machine_line, same_machine, train_process,  # noqa: E402
+                     write_result)
 
 from c40.config import TrainConfig  # noqa: E402
 
@@ -82,23 +83,6 @@ def _summary(runs: list[dict]) -> dict | None:
             "all_reached_85": None not in to85}
 
 
-MACHINE_KEYS = ("cpu_model", "device_name", "cpu_count", "cpu_bf16", "cpu_generation")
-
-
-def _same_machine(a: dict, b: dict) -> bool:
-    """Same CPU model, generation, device, core count and bf16 support ("AMD EPYC" names
-    AVX2-only and AVX512-BF16 hosts of two generations here, up to ~4x apart in speed). A result
-    written before cpu_bf16 was recorded (2026-11-28) is matched on the other keys; one without
-    cpu_generation (before 2026-12-05) is another machine: a 1.9x faster host of the same name
-    and bf16 flag came then."""
-    return all(a.get(k, b.get(k)) == b.get(k) if k == "cpu_bf16" else a.get(k) == b.get(k)
-               for k in MACHINE_KEYS)
-
-
-def _machine_line(m: dict) -> str:
-    return ", ".join(f"{k}={m.get(k)!r}" for k in MACHINE_KEYS)
-
-
 def _reference_from(path: str, machine: dict) -> dict:
     try:
         old = json.loads(Path(path).read_text())
@@ -106,9 +90,9 @@ def _reference_from(path: str, machine: dict) -> dict:
         theirs = old["machine"]
     except (OSError, ValueError, KeyError, AttributeError) as e:
         raise RuntimeError(f"--reference-from {path}: not a time_to_accuracy result ({e})") from None
-    if not _same_machine(theirs, machine):
+    if not same_machine(theirs, machine):
         raise RuntimeError(f"--reference-from {path}: measured on another machine "
-                           f"({_machine_line(theirs)} != {_machine_line(machine)})")
+                           f"({machine_line(theirs)} != {machine_line(machine)})")
     if not runs:
         raise RuntimeError(f"--reference-from {path}: holds no reference run")
     # a run that was itself taken from another file keeps that file as its source
@@ -151,8 +135,8 @@ def main(argv=None) -> int:
     except ValueError:
         result = {}
     machine = machine_info()
-    same_machine = _same_machine(result.get("machine", {}), machine)
-    runs: dict = result.get("runs", {}) if same_machine else {}  # never mix machines
+    same = same_machine(result.get("machine", {}), machine)
+    runs: dict = result.get("runs", {}) if same else {}  # never mix machines
     try:
         plan = [("fast", s) for s in args.seeds]
         if args.reference_from:

@@ -153,16 +153,16 @@ def test_time_to_accuracy_never_mixes_machines():
     tta = load_script("benchmarks/time_to_accuracy.py")
     here = {"cpu_model": "AMD EPYC", "device_name": "cpu", "cpu_count": 2, "cpu_bf16": True,
             "cpu_generation": "family 26 model 2"}
-    assert tta._same_machine(dict(here), here)
-    assert not tta._same_machine({**here, "cpu_bf16": False}, here)
-    assert not tta._same_machine({**here, "cpu_count": 16}, here)
-    assert not tta._same_machine({**here, "device_name": "NVIDIA H100"}, here)
+    assert tta.same_machine(dict(here), here)
+    assert not tta.same_machine({**here, "cpu_bf16": False}, here)
+    assert not tta.same_machine({**here, "cpu_count": 16}, here)
+    assert not tta.same_machine({**here, "device_name": "NVIDIA H100"}, here)
     # same name and bf16 flag, another generation: 1.9x apart in speed here (2026-12-05)
-    assert not tta._same_machine({**here, "cpu_generation": "family 25 model 17"}, here)
+    assert not tta.same_machine({**here, "cpu_generation": "family 25 model 17"}, here)
     unknown = {k: v for k, v in here.items() if k != "cpu_generation"}  # before it was recorded
-    assert not tta._same_machine(unknown, here)
+    assert not tta.same_machine(unknown, here)
     legacy = {k: v for k, v in here.items() if k != "cpu_bf16"}  # written before it was recorded
-    assert tta._same_machine(legacy, here)
+    assert tta.same_machine(legacy, here)
 
 
 def test_time_to_accuracy_reference_keeps_its_source(tmp_path):
