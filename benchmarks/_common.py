@@ -18,26 +18,26 @@ import time
 from pathlib import Path
 
 
-def _cpu_model() -> str:
+def _cpuinfo() -> dict[str, str]:
+    """The first CPU's fields in /proc/cpuinfo ({} where there is none)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return platform.processor() or "unknown"
+        return {}
+    pairs = (line.split(":", 1) for line in text.split("\n\n")[0].splitlines() if ":" in line)
+    return {k.strip(): v.strip() for k, v in pairs}
 
 
-def _cpu_generation() -> str | None:
-    """x86 "family F model M" from /proc/cpuinfo: "AMD EPYC" names hosts of different
-    generations here (family 26 runs the fast recipe ~1.9x faster than the earlier bf16 host)."""
-    try:
-        pairs = (line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith(("cpu family", "model\t")))
-        fields = {k.strip(): v.strip() for k, v in pairs}
-        return f"family {fields['cpu family']} model {fields['model']}"
-    except (OSError, KeyError, ValueError):
+def _cpu_model(info: dict[str, str]) -> str:
+    return info.get("model name") or platform.processor() or "unknown"
+
+
+def _cpu_generation(info: dict[str, str]) -> str | None:
+    """x86 "family F model M": "AMD EPYC" names hosts of different generations here (family 26
+    runs the fast recipe ~1.9x faster than the earlier bf16 host)."""
+    if "cpu family" not in info or "model" not in info:
         return None
+    return f"family {info['cpu family']} model {info['model']}"
 
 
 def _git_commit() -> str | None:
@@ -60,15 +60,16 @@ def machine_info() -> dict:
     from c40.precision import cpu_has_native_bf16
 
     cuda = torch.cuda.is_available()
+    cpu = _cpuinfo()
     info = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join([os.path.basename(sys.executable), *sys.argv]),
         "git_commit": _git_commit(),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "cpu_model": _cpu_model(),
+        "cpu_model": _cpu_model(cpu),
         "cpu_bf16": cpu_has_native_bf16(),  # AVX512-BF16/AMX: CPU bf16 autocast is on (amp=auto)
-        "cpu_generation": _cpu_generation(),
+        "cpu_generation": _cpu_generation(cpu),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
