@@ -2,8 +2,10 @@
 60 minutes), the test accuracy of one `c40 train` run sized to fit the budget.
 
 A run's epochs come from a calibration run of the same arch and recipe (2 epochs on the whole
-training set: the first at the recipe's low resolution, the second at 32 px with the test
-evaluation): epochs = (budget - startup) / (seconds per epoch at the recipe's low-res share).
+training set: the first at the recipe's low resolution, the second at 32 px, then one test
+evaluation): the most epochs n with startup + n x (training seconds per epoch at the recipe's
+low-res share) + (evaluations of n epochs at the recipe's eval_every) x (seconds of one
+evaluation) <= budget.
 Each budget is then one fresh process timed from start to exit, as a user meets it; a run that
 overshoots its budget is recorded with `within_budget: false`, not hidden. Results are written
 after every run and a run already measured with the same command is skipped (--force reruns), so
@@ -42,19 +44,32 @@ def _flags(arch: str, args, **extra) -> list[str]:
 
 
 def calibrate(arch: str, args) -> dict:
-    """Seconds of one epoch at low resolution and at 32 px, and the process's startup."""
+    """Training seconds of one epoch at low resolution and at 32 px, seconds of one test
+    evaluation (with the recipe's TTA), and the process's startup."""
     cfg = TrainConfig.from_recipe(args.recipe, arch=arch, device="cpu")
     r = train_process(_flags(arch, args, epochs=2, low_res_frac=0.5, eval_every=0),
                       Path(args.runs_dir) / f"calibrate-{arch}", f"frontier calibrate {arch}")
-    low, full = (m["seconds"] for m in r["history"])
-    per_epoch = cfg.low_res_frac * low + (1 - cfg.low_res_frac) * full
-    return {"low_res_seconds": round(low, 2), "full_res_seconds": round(full, 2),
+    low, full = r["history"]
+    per_epoch = cfg.low_res_frac * low["train_seconds"] + (1 - cfg.low_res_frac) * full["train_seconds"]
+    return {"low_res_seconds": round(low["train_seconds"], 2),
+            "full_res_seconds": round(full["train_seconds"], 2),
+            "eval_seconds": round(full["seconds"] - full["train_seconds"], 2),
             "startup_seconds": r["startup_seconds"], "seconds_per_epoch": round(per_epoch, 2),
-            "low_res_frac": cfg.low_res_frac, "command": r["command"]}
+            "low_res_frac": cfg.low_res_frac, "eval_every": cfg.eval_every, "command": r["command"]}
+
+
+def run_seconds(n: int, cal: dict) -> float:
+    """Predicted wall seconds of an n-epoch run: startup, training, and its test evaluations
+    (every eval_every epochs and at the end)."""
+    evals = math.ceil(n / cal["eval_every"]) if cal["eval_every"] else 1
+    return cal["startup_seconds"] + n * cal["seconds_per_epoch"] + evals * cal["eval_seconds"]
 
 
 def epochs_for(budget_s: float, cal: dict, cap: int | None = None) -> int:
+    """The most epochs whose predicted run fits the budget (at least 1, at most cap)."""
     n = max(1, math.floor((budget_s - cal["startup_seconds"]) / cal["seconds_per_epoch"]))
+    while n > 1 and run_seconds(n, cal) > budget_s:
+        n -= 1
     return min(n, cap) if cap else n
 
 
@@ -114,7 +129,8 @@ def main(argv=None) -> int:
     try:
         for arch in args.archs:
             entry = result["archs"].setdefault(arch, {"budgets": {}})
-            if args.force or "calibration" not in entry:
+            # calibrated afresh with --force, or when the entry predates timed evaluations
+            if args.force or "eval_seconds" not in entry.get("calibration", {}):
                 entry["calibration"] = calibrate(arch, args)
                 write_result(json_path, result)
             for minutes in args.budgets:

@@ -128,12 +128,22 @@ def test_frontier_sizes_each_run_to_its_budget_and_skips_on_rerun(tiny_cifar, tm
     assert (tmp_path / "res" / "frontier.png").stat().st_size > 5000
     cal = res["archs"]["strided"]["calibration"]
     assert cal["low_res_seconds"] > 0 and cal["full_res_seconds"] > 0 and cal["low_res_frac"] == 0.55
+    # the calibration times training and evaluation apart: an epoch's own seconds, from the
+    # calibration run's metrics, hold no test evaluation
+    hist = [json.loads(line) for line in
+            (tmp_path / "runs" / "calibrate-strided" / "metrics.jsonl").read_text().splitlines()]
+    assert cal["full_res_seconds"] == pytest.approx(hist[1]["train_seconds"], abs=0.01)
+    assert cal["eval_seconds"] == pytest.approx(hist[1]["seconds"] - hist[1]["train_seconds"], abs=0.01)
+    assert cal["eval_seconds"] > 0 and cal["eval_every"] == 0
     per = 0.55 * cal["low_res_seconds"] + 0.45 * cal["full_res_seconds"]
     assert cal["seconds_per_epoch"] == pytest.approx(per, abs=0.01)
     runs = res["archs"]["strided"]["budgets"]
     assert set(runs) == {"0.3", "30"}
-    # 18 s hold max(1, (18 - startup) // per) epochs; 30 min hold more than the cap of 3
-    assert runs["0.3"]["epochs"] == max(1, min(3, int((18 - cal["startup_seconds"]) // per)))
+    # 18 s hold the most epochs n with startup + n * per + one evaluation <= 18 (at least 1);
+    # 30 min hold more than the cap of 3
+    fit = max([n for n in range(1, 4) if cal["startup_seconds"] + n * per + cal["eval_seconds"] <= 18],
+              default=1)
+    assert runs["0.3"]["epochs"] == fit
     assert runs["30"]["epochs"] == 3 and runs["30"]["within_budget"] is True
     for r in runs.values():
         assert 0 <= r["final_accuracy"] <= 1 and r["final_accuracy"] == r["curve"][-1]["test_acc"]
@@ -142,6 +152,20 @@ def test_frontier_sizes_each_run_to_its_budget_and_skips_on_rerun(tiny_cifar, tm
     again = run()  # the same commands: nothing is trained again
     assert again.returncode == 0 and again.stderr.count("already measured") == 2, again.stderr
     assert json.loads((tmp_path / "res" / "frontier.json").read_text())["archs"] == res["archs"]
+
+
+def test_frontier_budget_pays_for_the_test_evaluations():
+    """A best-recipe run tests every 10 epochs (~15 s each with flip-shift TTA on resnet): the
+    epochs that fit a budget leave time for them, or the run overshoots."""
+    from conftest import load_script
+
+    frontier = load_script("benchmarks/frontier.py")
+    cal = {"startup_seconds": 3.0, "seconds_per_epoch": 20.0, "eval_seconds": 15.0, "eval_every": 10}
+    n = frontier.epochs_for(3600, cal)
+    assert n == 167  # 3 + 167 * 20 + 17 evaluations * 15 = 3598 s; 168 epochs: 3618 s
+    assert frontier.run_seconds(n, cal) <= 3600 < frontier.run_seconds(n + 1, cal)
+    assert frontier.epochs_for(3600, {**cal, "eval_every": 0}) == 179  # one evaluation at the end
+    assert frontier.epochs_for(3600, cal, cap=50) == 50 and frontier.epochs_for(1, cal) == 1
 
 
 def test_time_to_accuracy_never_mixes_machines():
