@@ -96,9 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def train(args: argparse.Namespace, cfg: TrainConfig) -> dict:
     """Train `cfg` with Ray Train, copy the final checkpoint to OUT; returns a summary dict."""
-    from c40.model import check_param_limit
+    from c40.train import check_model
 
-    params = check_param_limit(cfg.arch, cfg.width)  # here in one line, not in every worker
+    params = check_model(cfg)  # here in one line, not in every worker
     t0 = time.perf_counter()
     if not ray.is_initialized():
         ray.init(address=args.address)

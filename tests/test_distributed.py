@@ -50,6 +50,18 @@ def test_a_cpu_only_driver_configures_gpu_workers(script, tiny_cifar):
     assert cfg.device == "cuda" and cfg.batch_size == 512
 
 
+def test_the_driver_refuses_a_model_before_any_worker_starts(script, tiny_cifar, tmp_path):
+    """One line from the driver, not a traceback from every worker after Ray has started: the
+    no-stride dilated arch cannot take the fast recipe's 24-px epochs."""
+    from c40.errors import ConfigError
+
+    started = ray.is_initialized()
+    with pytest.raises(ConfigError, match="needs inputs of at least 27 px"):
+        _train(script, tiny_cifar, tmp_path, "small", "--arch", "dilated", "--epochs", "2",
+               "--low-res-frac", "0.5")  # epoch 1 of 2 at 24 px
+    assert ray.is_initialized() == started  # refused before ray.init
+
+
 @pytest.fixture(scope="module")
 def two_workers(ray_local, script, tiny_cifar, tmp_path_factory):
     return _train(script, tiny_cifar, tmp_path_factory.mktemp("dist"), "w2", "--num-workers", "2")

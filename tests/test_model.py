@@ -2,12 +2,12 @@ import pytest
 import torch
 from torch import nn
 
-from c40.model import count_params, create_model, list_models
+from c40.model import count_params, create_model, list_models, min_input_size
 from c40.receptive import summarize
 
 ARCHS = list_models()
 # the two ways to reach a 4x4..6x6 map: three 3x3 stride-2 convs, or no stride and no pooling
-STRIDED, NO_STRIDE = {"strided", "resnet"}, {"dilated"}
+STRIDED, NO_STRIDE = {"strided", "resnet"}, {"dilated", "dilated_resnet"}
 
 
 def test_every_registered_arch_is_of_a_known_kind():
@@ -41,6 +41,17 @@ def test_forward_shapes_and_any_input_size(arch):
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     assert model(torch.randn(1, 3, 48, 48)).shape == (1, 10)  # GAP head: fully convolutional
     assert model.forward_features(torch.randn(1, 3, 32, 32)).dim() == 4
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_min_input_size_is_where_the_forward_starts_to_work(arch):
+    model = create_model(arch).eval()
+    need = min_input_size(model)
+    assert need <= 32 and model.training is False  # the probe is a copy: the model is untouched
+    if arch in NO_STRIDE:  # unpadded convs: one pixel less and nothing is left of the map
+        assert need > 24
+        with pytest.raises(RuntimeError):
+            model(torch.zeros(1, 3, need - 1, need - 1))
 
 
 @pytest.mark.parametrize("arch", ARCHS)

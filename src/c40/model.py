@@ -5,6 +5,7 @@ configurable dropout, < 200k trainable parameters, receptive field > 44 (see `c4
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import torch
@@ -47,6 +48,31 @@ def check_param_limit(arch: str, width: float = 1.0, *, model: nn.Module | None 
         raise ConfigError(f"{arch} at width {width} has {params:,} trainable parameters; "
                           f"the limit is < {PARAM_LIMIT:,}")
     return params
+
+
+def min_input_size(model: nn.Module, limit: int = 64) -> int:
+    """The smallest square input (pixels) the model's forward accepts: unpadded convs shrink the
+    map, so the no-stride archs need ~27-29 px. Found by trying sizes on a CPU copy at batch 1."""
+    probe = copy.deepcopy(model).cpu().float().eval()
+    with torch.no_grad():
+        for size in range(1, limit + 1):
+            try:
+                probe(torch.zeros(1, 3, size, size))
+                return size
+            except RuntimeError:  # "Kernel size can't be greater than actual input size"
+                continue
+    return limit + 1
+
+
+def check_input_size(arch: str, model: nn.Module, size: int) -> None:
+    """A ConfigError if `model` cannot take `size` px inputs (e.g. a low-res epoch at 24 px)."""
+    from c40.errors import ConfigError
+
+    need = min_input_size(model)
+    if size < need:
+        raise ConfigError(f"arch {arch} needs inputs of at least {need} px (its unpadded convs "
+                          f"shrink the map), so it cannot train at --low-res {size}: pass "
+                          f"--low-res-frac 0 or --low-res {need} or more")
 
 
 def _ch(c: int, width: float) -> int:
@@ -159,5 +185,24 @@ def resnet(*, dropout: float = 0.0, width: float = 1.0, num_classes: int = 10) -
     c2 = nn.Sequential(ConvBN(a, b, stride=2), pair(b), pair(b), nn.Dropout(p))        # 16x16
     c3 = nn.Sequential(ConvBN(b, c, stride=2), pair(c, dil=2), nn.Dropout(p))          # 8x8
     c4 = nn.Sequential(DepthwiseSeparable(c, d, stride=2),                             # 4x4
+                       Residual(DepthwiseSeparable(d, d)), nn.Dropout(p))
+    return C40Net(c1, c2, c3, c4, d, dropout, num_classes)
+
+
+@register_model
+def dilated_resnet(*, dropout: float = 0.0, width: float = 1.0, num_classes: int = 10) -> C40Net:
+    """resnet's dilated member: the same blocks and widths, but no stride and no pooling before
+    GAP. Unpadded 3x3 convs with dilation 6 replace the two full stride-2 convs (32 -> 20 -> 8),
+    an unpadded dilated (d=2) depthwise-separable conv the depthwise one (8 -> 4). Its maps need
+    >= 29 px inputs (no 24-px epochs). ~66M FLOPs/image (1.22x resnet: C2 runs at 20x20), ~172k
+    params, RF 53.
+    """
+    a, b, c, d = (_ch(n, width) for n in (16, 32, 64, 128))
+    p = dropout
+    pair = lambda ch: Residual(ConvBN(ch, ch), ConvBN(ch, ch))  # noqa: E731
+    c1 = nn.Sequential(ConvBN(3, a), pair(a), pair(a))                                 # 32x32
+    c2 = nn.Sequential(ConvBN(a, b, dilation=6, padding=0), pair(b), pair(b), nn.Dropout(p))  # 20x20
+    c3 = nn.Sequential(ConvBN(b, c, dilation=6, padding=0), pair(c), nn.Dropout(p))   # 8x8
+    c4 = nn.Sequential(DepthwiseSeparable(c, d, dilation=2, padding=0),                # 4x4
                        Residual(DepthwiseSeparable(d, d)), nn.Dropout(p))
     return C40Net(c1, c2, c3, c4, d, dropout, num_classes)

@@ -31,7 +31,7 @@ from c40.errors import CheckpointError, TrainingDiverged
 from c40.evaluate import evaluate
 from c40.files import prepare_out_dir, write_text
 from c40.loaders import LoaderSpec, TensorLoader, create_loader
-from c40.model import check_param_limit, create_model
+from c40.model import check_input_size, check_param_limit, create_model
 from c40.optim import create_optimizer, create_scheduler
 from c40.precision import autocast, configure_backends, keep_depthwise_fp32, resolve_amp, resolve_device
 
@@ -106,6 +106,17 @@ class EpochStats:
                    torch.full((), -1, dtype=torch.long, device=device))
 
 
+def check_model(cfg: TrainConfig, model: nn.Module | None = None) -> int:
+    """What a run's model must pass before it trains, as one-line ConfigErrors: < 200k trainable
+    parameters, and inputs of cfg.low_res px when some epochs train at that size. Returns the
+    parameter count. `c40 train` and Ray Train's driver (before any worker starts) call it."""
+    model = model if model is not None else create_model(cfg.arch, width=cfg.width)
+    params = check_param_limit(cfg.arch, cfg.width, model=model)
+    if int(cfg.low_res_frac * cfg.epochs) > 0:  # some epochs train at low_res
+        check_input_size(cfg.arch, model, cfg.low_res)
+    return params
+
+
 def _setup(cfg: TrainConfig, device: torch.device, rank: int, world_size: int) -> RunState:
     configure_backends(device, cfg.deterministic)  # before the first CUDA kernel
     if device.type == "cuda":
@@ -122,7 +133,7 @@ def _setup(cfg: TrainConfig, device: torch.device, rank: int, world_size: int) -
     mean, std = channel_stats(train.images)
     model = create_model(cfg.arch, dropout=cfg.dropout, width=cfg.width,
                          num_classes=len(train.classes))
-    params = check_param_limit(cfg.arch, cfg.width, model=model)
+    params = check_model(cfg, model)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=fmt)
     per_rank = max(1, cfg.batch_size // world_size)
