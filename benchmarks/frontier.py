@@ -106,7 +106,8 @@ def plot(result: dict, path: Path) -> Path:
     ax.set_xlabel("time budget (min); ring: the run took longer than its budget")
     ax.set_ylabel("test accuracy (%)")
     m = result["machine"]
-    ax.set_title(f"{result['recipe']} recipe sized to each budget; {m['cpu_model']} "
+    gen = f" {m['cpu_generation']}" if m.get("cpu_generation") else ""
+    ax.set_title(f"{result['recipe']} recipe sized to each budget; {m['cpu_model']}{gen} "
                  f"({m['cpu_count']} CPUs, bf16={m['cpu_bf16']})", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
