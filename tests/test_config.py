@@ -74,3 +74,14 @@ def test_tta_modes_from_flags_files_and_old_checkpoints(tmp_path):
         TrainConfig(tta="shift")
     with pytest.raises(SystemExit):  # argparse: invalid choice
         parse("--tta", "mirror")
+
+
+def test_muon_only_where_it_was_measured(monkeypatch):
+    """fast on a CPU trains with Muon and 8x BatchNorm-bias rate (measured: 7 epochs reach 85%);
+    every other recipe, and fast on a GPU (batch 512), stay with the plain SGD they were measured with."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    fast = TrainConfig.from_recipe("fast", device="cpu")
+    assert (fast.muon_lr, fast.bn_bias_lr, fast.epochs) == (0.05, 8.0, 7)
+    for recipe, device in [("fast", "cuda"), ("best", "cpu"), ("dilated", "cpu"), ("reference", "cpu")]:
+        cfg = TrainConfig.from_recipe(recipe, device=device)
+        assert (cfg.muon_lr, cfg.bn_bias_lr) == (0.0, 1.0), recipe

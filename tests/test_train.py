@@ -58,7 +58,7 @@ def _stop_after(epoch):
     return report
 
 
-@pytest.mark.parametrize("extra", [{}, {"ema": True, "dropout": 0.2}])
+@pytest.mark.parametrize("extra", [{}, {"ema": True, "dropout": 0.2}, {"muon_lr": 0.05, "bn_bias_lr": 8}])
 def test_resume_is_bit_identical_on_cpu(tiny_cifar, tmp_path, extra):
     full = fit(tiny_cfg(tiny_cifar, tmp_path / "full", epochs=3, **extra), progress=False)
     with pytest.raises(_Stop):
@@ -78,6 +78,23 @@ def test_resume_is_bit_identical_on_cpu(tiny_cifar, tmp_path, extra):
     # `elapsed` counts the whole run across the resume, not the resumed process alone
     e = [m["elapsed"] for m in resumed.history]
     assert e[1] >= e[0] + resumed.history[1]["seconds"] and e[2] > e[1]
+
+
+def test_a_checkpoint_older_than_a_config_field_resumes_as_it_ran(tiny_cifar, tmp_path):
+    """Checkpoints written before muon_lr and bn_bias_lr existed (e.g. a committed half-finished
+    run) ran plain SGD: they resume with Muon off and a plain bias rate, whatever today's
+    defaults, and a run asking for Muon is told the schedule differs."""
+    sgd = dict(subset=256, epochs=2, muon_lr=0.0, bn_bias_lr=1.0)
+    with pytest.raises(_Stop):
+        fit(tiny_cfg(tiny_cifar, tmp_path, **sgd), report=_stop_after(1), progress=False)
+    path = tmp_path / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    del state["config"]["muon_lr"], state["config"]["bn_bias_lr"]
+    torch.save(state, path)
+    with pytest.raises(C40Error, match="muon_lr=0.0 but this run asks for 0.05"):
+        fit(tiny_cfg(tiny_cifar, tmp_path, resume=True, **{**sgd, "muon_lr": 0.05}), progress=False)
+    res = fit(tiny_cfg(tiny_cifar, tmp_path, resume=True, **sgd), progress=False)
+    assert [m["epoch"] for m in res.history] == [1, 2]
 
 
 def test_existing_run_needs_resume(tiny_cifar, tmp_path):

@@ -137,7 +137,10 @@ def provenance() -> dict:
 # A resumed run continues the saved optimizer and schedule: their state would silently override
 # a changed lr/momentum/weight decay, and a changed step count crashes OneCycleLR at the end.
 RESUME_MUST_MATCH = ("arch", "width", "epochs", "batch_size", "subset", "val_split", "lr",
-                     "schedule", "warmup", "momentum", "nesterov", "weight_decay")
+                     "schedule", "warmup", "momentum", "nesterov", "weight_decay", "muon_lr",
+                     "bn_bias_lr")
+# fields newer than some checkpoints -> the value every run before them had (not today's default)
+BEFORE_FIELD = {"muon_lr": 0.0, "bn_bias_lr": 1.0}
 
 
 def restore_run(run, state: dict, path: Path) -> None:
@@ -145,8 +148,9 @@ def restore_run(run, state: dict, path: Path) -> None:
     run's kernels), schedule, loss scale, RNG, epoch and history; a changed schedule is an error."""
     saved = state["config"]
     for key in RESUME_MUST_MATCH:
-        if saved.get(key) != getattr(run.cfg, key):
-            raise ConfigError(f"{path}: checkpoint has {key}={saved.get(key)!r} but this run asks "
+        had = saved.get(key, BEFORE_FIELD.get(key))
+        if had != getattr(run.cfg, key):
+            raise ConfigError(f"{path}: checkpoint has {key}={had!r} but this run asks "
                               f"for {getattr(run.cfg, key)!r} (a resumed run keeps its schedule: "
                               "use the same value, or a new --out)")
     load_weights(run.model, state["model"], str(path))
