@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from c40.config import PLAIN_SGD
 from c40.errors import CheckpointError, ConfigError
 from c40.files import atomic_path
 from c40.precision import amp_name
@@ -140,7 +141,7 @@ RESUME_MUST_MATCH = ("arch", "width", "epochs", "batch_size", "subset", "val_spl
                      "schedule", "warmup", "momentum", "nesterov", "weight_decay", "muon_lr",
                      "bn_bias_lr")
 # fields newer than some checkpoints -> the value every run before them had (not today's default)
-BEFORE_FIELD = {"muon_lr": 0.0, "bn_bias_lr": 1.0}
+BEFORE_FIELD = PLAIN_SGD
 
 
 def restore_run(run, state: dict, path: Path) -> None:

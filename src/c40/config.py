@@ -33,6 +33,9 @@ def tta_mode(value) -> str:
 # the CPU (accuracy does not depend on the device; seed 0, fp32): fast at batch 512, lr 0.4 gave
 # 85.13% in 11 epochs and 85.93% in 14 (batch 128: 85.69% in 11), hence 14 epochs on a GPU.
 # best and dilated at batch 512 are not measured yet (benchmarks/gpu_check.py measures fast).
+# the optimizer of every recipe but fast on a CPU (and of every run before Muon came, 2026-12-05)
+PLAIN_SGD = dict(muon_lr=0.0, bn_bias_lr=1.0)
+
 RECIPES: dict[str, dict] = {
     # the default: >= 85% as fast as we can on a CPU. On a 2-core AVX512-BF16 EPYC (family 26,
     # bf16 autocast), seeds 0/1/2, flip-shift TTA: 7 epochs (the first 3 at 24 px) with Muon for
@@ -40,23 +43,23 @@ RECIPES: dict[str, dict] = {
     # plain SGD recipe before it needed 9 epochs for 85.60% mean (102.6 s); Muon alone at 7: 85.33%
     # mean, at 9: 86.35%. On a GPU (batch 512, lr 0.4): 14 epochs of plain SGD, as measured
     # (benchmarks/gpu_check.py; Muon is not measured at batch 512).
-    "fast": dict(cuda=dict(batch_size=512, lr=0.4, epochs=14, muon_lr=0.0, bn_bias_lr=1.0)),
+    "fast": dict(cuda=dict(batch_size=512, lr=0.4, epochs=14, **PLAIN_SGD)),
     # the most accuracy: the resnet arch, a long schedule, stronger augmentation, EMA of the
     # weights; 40% of the epochs at 24 px. 93.13% (weights/resnet_best200.pt) in 75 min of the
     # 2-core bf16 CPU (~6 h on an AVX2-only one: continue with --resume). The strided net
     # saturates near 91.6% (120 epochs: 91.46% in 44 min; 240: 91.63%). The GPU values (batch
     # 512, lr 0.4) are not measured on resnet yet.
     "best": dict(arch="resnet", epochs=200, label_smoothing=0.1, aug_p=0.5, low_res_frac=0.4,
-                 muon_lr=0.0, bn_bias_lr=1.0,  # measured with plain SGD
+                 **PLAIN_SGD,  # measured with it
                  ema=True, ema_decay=0.999, eval_every=10, cuda=dict(batch_size=512, lr=0.4)),
     # the dilated arch (no stride, no pooling; its unpadded convs need >= 27 px, so no low-res
     # epochs), aiming at >= 85% within 30 min on a 2-core CPU.
-    "dilated": dict(arch="dilated", epochs=20, low_res=32, low_res_frac=0.0, muon_lr=0.0,
-                    bn_bias_lr=1.0, cuda=dict(batch_size=512, lr=0.4)),
+    "dilated": dict(arch="dilated", epochs=20, low_res=32, low_res_frac=0.0, **PLAIN_SGD,
+                    cuda=dict(batch_size=512, lr=0.4)),
     # the assignment's reference: SGD 0.1 momentum 0.9, no schedule, 45 epochs, as it was written
     # (per-sample albumentations, fp32 NCHW, test every epoch); the same on every device.
     "reference": dict(epochs=45, lr=0.1, schedule="constant", nesterov=False, weight_decay=0.0,
-                      muon_lr=0.0, bn_bias_lr=1.0,
+                      **PLAIN_SGD,
                       label_smoothing=0.0, dropout=0.1, loader="albumentations", amp="off",
                       channels_last=False, tta=False, aug_p=0.5, low_res=32, low_res_frac=0.0,
                       eval_every=1),
@@ -158,6 +161,11 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
+
+    @property
+    def low_res_epochs(self) -> int:
+        """How many epochs, the first ones, train at low_res."""
+        return int(self.low_res_frac * self.epochs)
 
     @classmethod
     def from_recipe(cls, recipe: str = "fast", **overrides) -> "TrainConfig":

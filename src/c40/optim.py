@@ -2,8 +2,8 @@
 
 SGD with Nesterov momentum, weight decay only on conv/linear weights; `bn_bias_lr` scales the
 learning rate of the BatchNorm biases (airbench's "bias scaler": they are the net's thresholds,
-few and cheap to move fast). With `muon_lr` > 0 the full
-conv filters (not depthwise, not the 3-channel stem) are trained by Muon instead: the Nesterov
+few and cheap to move fast). With `muon_lr` > 0 the full conv filters (not depthwise, not the
+3-channel stem) are trained by Muon instead: the Nesterov
 momentum of each filter bank, flattened to (out, in x k x k), is orthogonalized by five
 Newton-Schulz iterations before the step (Jordan et al. 2024, as in airbench's Muon runs), so every
 direction of the filter bank moves at the same rate. No weight decay there: BatchNorm follows
@@ -30,8 +30,9 @@ def muon_params(model: nn.Module) -> list[nn.Parameter]:
 
 def create_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False) -> torch.optim.Optimizer:
     """SGD; weight decay only on conv/linear weights (not BatchNorm, not biases); BatchNorm
-    biases at cfg.bn_bias_lr x the rate; Muon for the full conv filters when cfg.muon_lr > 0. `fused` for fp16: GradScaler then hands the overflow
-    flag to the kernel instead of reading it back (SGD only)."""
+    biases at cfg.bn_bias_lr x the rate; Muon for the full conv filters when cfg.muon_lr > 0.
+    `fused` for fp16: GradScaler then hands the overflow flag to the kernel instead of reading
+    it back (SGD only)."""
     muon = {id(p) for p in muon_params(model)} if cfg.muon_lr > 0 else set()
     bn_bias = ({id(m.bias) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
                if cfg.bn_bias_lr != 1 else set())
@@ -45,7 +46,7 @@ def create_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False) ->
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                                nesterov=cfg.nesterov and cfg.momentum > 0, fused=fused or None)
     groups.append({"params": [p for p in model.parameters() if id(p) in muon], "lr": cfg.muon_lr,
-                   "weight_decay": 0.0, "momentum": MUON_MOMENTUM, "muon": True})
+                   "weight_decay": 0.0, "momentum": MUON_MOMENTUM, "nesterov": True, "muon": True})
     return MuonSGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
 
@@ -92,7 +93,7 @@ class MuonSGD(torch.optim.Optimizer):
                 else:
                     state["momentum_buffer"].mul_(g["momentum"]).add_(d)
                 buf = state["momentum_buffer"]
-                u = d.add(buf, alpha=g["momentum"]) if g["nesterov"] or g["muon"] else buf
+                u = d.add(buf, alpha=g["momentum"]) if g["nesterov"] else buf
                 if g["muon"]:
                     flat = u.reshape(len(u), -1)
                     scale = max(1, flat.size(0) / flat.size(1)) ** 0.5

@@ -112,7 +112,7 @@ def check_model(cfg: TrainConfig, model: nn.Module | None = None) -> int:
     parameter count. `c40 train` and Ray Train's driver (before any worker starts) call it."""
     model = model if model is not None else create_model(cfg.arch, width=cfg.width)
     params = check_param_limit(cfg.arch, cfg.width, model=model)
-    if int(cfg.low_res_frac * cfg.epochs) > 0:  # some epochs train at low_res
+    if cfg.low_res_epochs:
         check_input_size(cfg.arch, model, cfg.low_res)
     return params
 
@@ -202,7 +202,7 @@ def train_one_epoch(run: RunState, epoch: int, progress: bool) -> dict:
     run.net.train()
     run.train_loader.set_epoch(epoch)
     stats, t0 = EpochStats.zeros(run.device), time.perf_counter()
-    res = cfg.low_res if epoch < int(cfg.low_res_frac * cfg.epochs) else None
+    res = cfg.low_res if epoch < cfg.low_res_epochs else None
     n = len(run.train_loader)
     bar = tqdm(run.train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or not sys.stderr.isatty(),
                leave=False, dynamic_ncols=True)
