@@ -2,10 +2,10 @@
 60 minutes), the test accuracy of one `c40 train` run sized to fit the budget.
 
 A run's epochs come from a calibration run of the same arch and recipe (2 epochs on the whole
-training set: the first at the recipe's low resolution, the second at 32 px, then one test
-evaluation): the most epochs n with startup + n x (training seconds per epoch at the recipe's
-low-res share) + (evaluations of n epochs at the recipe's eval_every) x (seconds of one
-evaluation) <= budget.
+training set, each tested: the first at the recipe's low resolution with a progress test, at most
+flip TTA; the second at 32 px with the final test in the recipe's TTA): the most epochs n with
+startup + n x (training seconds per epoch at the recipe's low-res share) + (progress tests of n
+epochs at the recipe's eval_every) x (seconds of one) + (seconds of the final test) <= budget.
 Each budget is then one fresh process timed from start to exit, as a user meets it; a run that
 overshoots its budget is recorded with `within_budget: false`, not hidden. Results are written
 after every run and a run already measured with the same command is skipped (--force reruns), so
@@ -44,25 +44,27 @@ def _flags(arch: str, args, **extra) -> list[str]:
 
 
 def calibrate(arch: str, args) -> dict:
-    """Training seconds of one epoch at low resolution and at 32 px, seconds of one test
-    evaluation (with the recipe's TTA), and the process's startup."""
+    """Training seconds of one epoch at low resolution and at 32 px, seconds of one progress
+    test and of the final test (c40.config.progress_tta), and the process's startup."""
     cfg = TrainConfig.from_recipe(args.recipe, arch=arch, device="cpu")
-    r = train_process(_flags(arch, args, epochs=2, low_res_frac=0.5, eval_every=0),
+    r = train_process(_flags(arch, args, epochs=2, low_res_frac=0.5, eval_every=1),
                       Path(args.runs_dir) / f"calibrate-{arch}", f"frontier calibrate {arch}")
     low, full = r["history"]
     per_epoch = cfg.low_res_frac * low["train_seconds"] + (1 - cfg.low_res_frac) * full["train_seconds"]
     return {"low_res_seconds": round(low["train_seconds"], 2),
             "full_res_seconds": round(full["train_seconds"], 2),
+            "progress_eval_seconds": round(low["seconds"] - low["train_seconds"], 2),
             "eval_seconds": round(full["seconds"] - full["train_seconds"], 2),
             "startup_seconds": r["startup_seconds"], "seconds_per_epoch": round(per_epoch, 2),
             "low_res_frac": cfg.low_res_frac, "eval_every": cfg.eval_every, "command": r["command"]}
 
 
 def run_seconds(n: int, cal: dict) -> float:
-    """Predicted wall seconds of an n-epoch run: startup, training, and its test evaluations
-    (every eval_every epochs and at the end)."""
-    evals = math.ceil(n / cal["eval_every"]) if cal["eval_every"] else 1
-    return cal["startup_seconds"] + n * cal["seconds_per_epoch"] + evals * cal["eval_seconds"]
+    """Predicted wall seconds of an n-epoch run: startup, training, its progress tests (every
+    eval_every epochs before the last) and the final test."""
+    progress = math.ceil(n / cal["eval_every"]) - 1 if cal["eval_every"] else 0
+    return (cal["startup_seconds"] + n * cal["seconds_per_epoch"]
+            + progress * cal["progress_eval_seconds"] + cal["eval_seconds"])
 
 
 def epochs_for(budget_s: float, cal: dict, cap: int | None = None) -> int:
@@ -130,8 +132,8 @@ def main(argv=None) -> int:
     try:
         for arch in args.archs:
             entry = result["archs"].setdefault(arch, {"budgets": {}})
-            # calibrated afresh with --force, or when the entry predates timed evaluations
-            if args.force or "eval_seconds" not in entry.get("calibration", {}):
+            # calibrated afresh with --force, or when the entry predates cheaper progress tests
+            if args.force or "progress_eval_seconds" not in entry.get("calibration", {}):
                 entry["calibration"] = calibrate(arch, args)
                 write_result(json_path, result)
             for minutes in args.budgets:

@@ -135,6 +135,10 @@ def test_frontier_sizes_each_run_to_its_budget_and_skips_on_rerun(tiny_cifar, tm
     assert cal["full_res_seconds"] == pytest.approx(hist[1]["train_seconds"], abs=0.01)
     assert cal["eval_seconds"] == pytest.approx(hist[1]["seconds"] - hist[1]["train_seconds"], abs=0.01)
     assert cal["eval_seconds"] > 0 and cal["eval_every"] == 0
+    # its first epoch's test is a progress test (2 views), the second the final one (6 views)
+    assert [m["eval_tta"] for m in hist] == ["flip", "flip-shift"]
+    assert cal["progress_eval_seconds"] == pytest.approx(hist[0]["seconds"] - hist[0]["train_seconds"],
+                                                         abs=0.01)
     per = 0.55 * cal["low_res_seconds"] + 0.45 * cal["full_res_seconds"]
     assert cal["seconds_per_epoch"] == pytest.approx(per, abs=0.01)
     runs = res["archs"]["strided"]["budgets"]
@@ -155,14 +159,16 @@ def test_frontier_sizes_each_run_to_its_budget_and_skips_on_rerun(tiny_cifar, tm
 
 
 def test_frontier_budget_pays_for_the_test_evaluations():
-    """A best-recipe run tests every 10 epochs (~15 s each with flip-shift TTA on resnet): the
-    epochs that fit a budget leave time for them, or the run overshoots."""
+    """A best-recipe run tests every 10 epochs (~5 s each with flip TTA on resnet) and at the
+    end (~15 s with flip-shift): the epochs that fit a budget leave time for them, or the run
+    overshoots."""
     from conftest import load_script
 
     frontier = load_script("benchmarks/frontier.py")
-    cal = {"startup_seconds": 3.0, "seconds_per_epoch": 20.0, "eval_seconds": 15.0, "eval_every": 10}
+    cal = {"startup_seconds": 3.0, "seconds_per_epoch": 20.0, "progress_eval_seconds": 5.0,
+           "eval_seconds": 15.0, "eval_every": 10}
     n = frontier.epochs_for(3600, cal)
-    assert n == 167  # 3 + 167 * 20 + 17 evaluations * 15 = 3598 s; 168 epochs: 3618 s
+    assert n == 174  # 3 + 174 * 20 + 17 progress tests * 5 + 15 = 3583 s; 175 epochs: 3603 s
     assert frontier.run_seconds(n, cal) <= 3600 < frontier.run_seconds(n + 1, cal)
     assert frontier.epochs_for(3600, {**cal, "eval_every": 0}) == 179  # one evaluation at the end
     assert frontier.epochs_for(3600, cal, cap=50) == 50 and frontier.epochs_for(1, cal) == 1

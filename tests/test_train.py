@@ -47,6 +47,30 @@ def test_checkpoints_record_the_code_the_run_started_with(tiny_cifar, tmp_path, 
     assert load_checkpoint(tmp_path / "checkpoint.pt")["provenance"] == {"c40_commit": "start"}
 
 
+def test_progress_tests_use_at_most_flip_and_the_last_epoch_the_runs_tta(tiny_cifar, tmp_path,
+                                                                        monkeypatch):
+    """flip-shift's 6 views cost ~0.6 of a 32-px epoch per test: the tests before the last epoch
+    (progress, and the validation Tune reads) use 2 views; the run's result uses its own mode,
+    and every tested epoch's metrics say which views it averaged."""
+    import c40.train
+
+    seen = []
+    real = c40.train.evaluate
+
+    def spy(model, loader, classes, **kw):
+        seen.append(kw["tta"])
+        return real(model, loader, classes, **kw)
+    monkeypatch.setattr(c40.train, "evaluate", spy)
+    res = fit(tiny_cfg(tiny_cifar, tmp_path, subset=256, epochs=3, tta="flip-shift", val_split=64),
+              progress=False)
+    assert seen == ["flip", "flip", "flip-shift", "flip-shift"]  # val each epoch, then the test
+    assert [m["eval_tta"] for m in res.history] == ["flip", "flip", "flip-shift"]
+    assert "test_acc" in res.history[-1] and "test_acc" not in res.history[0]
+    seen.clear()
+    fit(tiny_cfg(tiny_cifar, tmp_path / "off", subset=256, epochs=2, tta="off"), progress=False)
+    assert seen == ["off", "off"]  # never more views than the run asked for
+
+
 class _Stop(Exception):
     pass
 

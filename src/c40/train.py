@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from c40.checkpoint import load_checkpoint, provenance, restore_run, run_state, save_checkpoint
-from c40.config import TrainConfig
+from c40.config import TrainConfig, progress_tta
 from c40.data import channel_stats, load_dataset, resolve_data_root
 from c40.ema import EMA
 from c40.errors import CheckpointError, TrainingDiverged
@@ -221,11 +221,13 @@ def train_one_epoch(run: RunState, epoch: int, progress: bool) -> dict:
             "images_per_s": stats.seen * run.world_size / seconds, "train_seconds": seconds}
 
 
-def evaluate_run(run: RunState, split: str = "test"):
-    """Evaluation of the EMA weights when kept, else of the live model, on test or val."""
+def evaluate_run(run: RunState, split: str = "test", tta: str | None = None):
+    """Evaluation of the EMA weights when kept, else of the live model, on test or val, with
+    `tta` (default: the run's mode)."""
     model = run.ema.module if run.ema is not None else run.model
     loader = run.val_loader if split == "val" else run.test_loader
-    return evaluate(model, loader, run.classes, amp_dtype=run.amp, tta=run.cfg.tta)
+    return evaluate(model, loader, run.classes, amp_dtype=run.amp,
+                    tta=run.cfg.tta if tta is None else tta)
 
 
 def fit(cfg: TrainConfig, *, device: torch.device | str | None = None,
@@ -265,12 +267,13 @@ def fit(cfg: TrainConfig, *, device: torch.device | str | None = None,
             metrics.update(train_one_epoch(run, epoch, progress))
             last = epoch + 1 == cfg.epochs
             due = cfg.eval_every > 0 and (epoch + 1) % cfg.eval_every == 0
+            tta = cfg.tta if last else progress_tta(cfg.tta)  # progress tests: at most flip
             if run.val_loader is not None:  # every epoch: what early stopping (Tune) reads
-                ev = evaluate_run(run, "val")
-                metrics.update(val_loss=ev.loss, val_acc=ev.accuracy)
+                ev = evaluate_run(run, "val", tta)
+                metrics.update(val_loss=ev.loss, val_acc=ev.accuracy, eval_tta=tta)
             if rank == 0 and (last or (cfg.val_split == 0 and due)):
-                ev = evaluate_run(run, "test")
-                metrics.update(test_loss=ev.loss, test_acc=ev.accuracy)
+                ev = evaluate_run(run, "test", tta)
+                metrics.update(test_loss=ev.loss, test_acc=ev.accuracy, eval_tta=tta)
             metrics.update(seconds=time.perf_counter() - t0, elapsed=time.perf_counter() - t_origin)
             run.history.append(metrics)
             ckpt = None
