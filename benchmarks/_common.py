@@ -150,7 +150,10 @@ def train_process(flags: list[str], out: Path, tag: str) -> dict:
     if not found:
         raise RuntimeError(f"{tag}: no 'final test accuracy' line in the output")
     hist = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    from c40.checkpoint import load_checkpoint
+    code = load_checkpoint(out / "checkpoint.pt")["provenance"].get("c40_commit")  # at its start
     return {"final_accuracy": float(found.group(1)), "wall_seconds": round(wall, 2),
+            "c40_commit": code,
             "startup_seconds": round(wall - hist[-1]["elapsed"], 2),  # outside fit(): imports etc.
             "epochs": len(hist), "history": hist, "command": portable(cmd),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}

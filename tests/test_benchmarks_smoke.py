@@ -149,7 +149,10 @@ def test_frontier_sizes_each_run_to_its_budget_and_skips_on_rerun(tiny_cifar, tm
               default=1)
     assert runs["0.3"]["epochs"] == fit
     assert runs["30"]["epochs"] == 3 and runs["30"]["within_budget"] is True
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=ROOT).stdout.strip() or None
     for r in runs.values():
+        assert r["c40_commit"] == head  # each run names the code it ran
         assert 0 <= r["final_accuracy"] <= 1 and r["final_accuracy"] == r["curve"][-1]["test_acc"]
         assert r["within_budget"] == (r["wall_seconds"] <= 60 * r["budget_minutes"])
         assert r["command"][:4] == ["python", "-m", "c40", "train"] and "--epochs" in r["command"]
