@@ -58,8 +58,10 @@ DEFAULT_SEARCH = "optuna"
 # left out of best_config.json: where a run happens, the slice of data the search used and the
 # views the trials were evaluated with (TTA never changes the weights)
 NOT_RETRAINED = ("out", "resume", "device", "data", "subset", "test_subset", "val_split", "tta")
-# Trials evaluate every epoch (ASHA's val_acc): 2 views, not the recipes' 6 (flip-shift costs
-# 3x flip per evaluation); `--tta MODE` chooses otherwise.
+# Trials evaluate every epoch (ASHA's val_acc). fit() already tests with at most flip before a
+# run's last epoch (c40.config.progress_tta); this keeps the last epoch at 2 views too, so a
+# trial's val_acc is one measure from first epoch to last and its final test costs a third of
+# flip-shift's 6 views; `--tta MODE` chooses otherwise.
 SEARCH_TTA = "flip"
 
 
