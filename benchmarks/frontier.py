@@ -1,15 +1,18 @@
 """Accuracy vs time on this machine: for each arch and each time budget (default 5, 15, 30 and
 60 minutes), the test accuracy of one `c40 train` run sized to fit the budget.
 
-A run's epochs come from a calibration run of the same arch and recipe (2 epochs on the whole
-training set, each tested: the first at the recipe's low resolution with a progress test, at most
-flip TTA; the second at 32 px with the final test in the recipe's TTA): the most epochs n with
-startup + n x (training seconds per epoch at the recipe's low-res share) + (progress tests of n
-epochs at the recipe's eval_every) x (seconds of one) + (seconds of the final test) <= budget.
-Each budget is then one fresh process timed from start to exit, as a user meets it; a run that
-overshoots its budget is recorded with `within_budget: false`, not hidden. Results are written
-after every run and a run already measured with the same command is skipped (--force reruns), so
-the benchmark can be run in pieces. Usage:
+Each run's epochs come from a calibration run made right before it, of the same arch and recipe
+(2 epochs on the whole training set, each tested: the first at the recipe's low resolution with a
+progress test, at most flip TTA; the second at 32 px with the final test in the recipe's TTA):
+the most epochs n with startup + n x (training seconds per epoch at the recipe's low-res share) +
+(progress tests of n epochs at the recipe's eval_every) x (seconds of one) + (seconds of the final
+test) <= budget. Calibrating per run, not once per arch, follows the host: its speed drifts
+10-25% between hours (a calibration 50 minutes old once sized a 60-min run that took 53). Each
+budget is then one fresh process timed from start to exit, as a user meets it; a run that
+overshoots its budget is recorded with `within_budget: false`, not hidden. Results, each run with
+the calibration that sized it, are written after every run, and a run already measured with the
+same flags (its epochs aside) is skipped (--force reruns), so the benchmark can be run in pieces.
+Usage:
   python benchmarks/frontier.py --data DIR --archs strided,resnet --budgets 5,15,30,60
 """
 from __future__ import annotations
@@ -43,12 +46,13 @@ def _flags(arch: str, args, **extra) -> list[str]:
     return flags
 
 
-def calibrate(arch: str, args) -> dict:
+def calibrate(arch: str, minutes: float, args) -> dict:
     """Training seconds of one epoch at low resolution and at 32 px, seconds of one progress
     test and of the final test (c40.config.progress_tta), and the process's startup."""
     cfg = TrainConfig.from_recipe(args.recipe, arch=arch, device="cpu")
     r = train_process(_flags(arch, args, epochs=2, low_res_frac=0.5, eval_every=1),
-                      Path(args.runs_dir) / f"calibrate-{arch}", f"frontier calibrate {arch}")
+                      Path(args.runs_dir) / f"calibrate-{arch}-{minutes:g}min",
+                      f"frontier calibrate {arch} for {minutes:g} min")
     low, full = r["history"]
     per_epoch = cfg.low_res_frac * low["train_seconds"] + (1 - cfg.low_res_frac) * full["train_seconds"]
     return {"low_res_seconds": round(low["train_seconds"], 2),
@@ -75,13 +79,21 @@ def epochs_for(budget_s: float, cal: dict, cap: int | None = None) -> int:
     return min(n, cap) if cap else n
 
 
-def run_budget(arch: str, minutes: float, epochs: int, args) -> dict:
+def run_budget(arch: str, minutes: float, args) -> dict:
+    """Calibrate, size the run to the budget, run it."""
+    cal = calibrate(arch, minutes, args)
+    epochs = epochs_for(60 * minutes, cal, args.epochs_cap)
     r = train_process(_flags(arch, args, epochs=epochs), _out(arch, minutes, args),
                       f"frontier {arch} {minutes:g} min")
     curve = [{"epoch": m["epoch"], "elapsed": round(m["elapsed"], 2), "test_acc": m["test_acc"]}
              for m in r.pop("history") if "test_acc" in m]
     return {**r, "arch": arch, "budget_minutes": minutes, "curve": curve,
-            "within_budget": r["wall_seconds"] <= 60 * minutes}
+            "within_budget": r["wall_seconds"] <= 60 * minutes, "calibration": cal}
+
+
+def _sans_epochs(command: list[str]) -> list[str]:
+    i = command.index("--epochs")
+    return command[:i] + command[i + 2:]
 
 
 def _out(arch: str, minutes: float, args) -> Path:
@@ -132,19 +144,16 @@ def main(argv=None) -> int:
     try:
         for arch in args.archs:
             entry = result["archs"].setdefault(arch, {"budgets": {}})
-            # calibrated afresh with --force, or when the entry predates cheaper progress tests
-            if args.force or "progress_eval_seconds" not in entry.get("calibration", {}):
-                entry["calibration"] = calibrate(arch, args)
-                write_result(json_path, result)
             for minutes in args.budgets:
-                epochs = epochs_for(60 * minutes, entry["calibration"], args.epochs_cap)
-                wanted = portable([sys.executable, "-m", "c40", "train", *_flags(arch, args, epochs=epochs),
-                                   "--out", str(_out(arch, minutes, args)), "--no-progress"])
                 key = f"{minutes:g}"
-                if not args.force and entry["budgets"].get(key, {}).get("command") == wanted:
+                wanted = _sans_epochs(portable([sys.executable, "-m", "c40", "train",
+                                                *_flags(arch, args, epochs=0),
+                                                "--out", str(_out(arch, minutes, args)), "--no-progress"]))
+                done = entry["budgets"].get(key)
+                if not args.force and done and _sans_epochs(done["command"]) == wanted:
                     print(f"[frontier] {arch} {key} min: already measured, skipped", file=sys.stderr)
                     continue
-                entry["budgets"][key] = run_budget(arch, minutes, epochs, args)
+                entry["budgets"][key] = run_budget(arch, minutes, args)
                 write_result(json_path, result)  # after every run: it can stop and go on
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -179,7 +188,7 @@ def _parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--data", default=None, help="cifar-10-batches-py folder (else $C40_DATA)")
     ap.add_argument("--out-dir", default="benchmarks/results", help="where the JSON and PNG go")
     ap.add_argument("--runs-dir", default="runs/frontier", help="each run's checkpoint and metrics")
-    ap.add_argument("--force", action="store_true", help="recalibrate and rerun measured runs")
+    ap.add_argument("--force", action="store_true", help="rerun runs already measured")
     ap.add_argument("--epochs-cap", type=positive_int, default=None,
                     help="at most this many epochs per run (smoke tests)")
     ap.add_argument("--subset", type=positive_int, default=None, help="train on N images (smoke tests)")

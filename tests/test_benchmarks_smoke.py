@@ -126,25 +126,28 @@ def test_frontier_sizes_each_run_to_its_budget_and_skips_on_rerun(tiny_cifar, tm
     assert p.returncode == 0, p.stderr
     res = json.loads((tmp_path / "res" / "frontier.json").read_text())
     assert (tmp_path / "res" / "frontier.png").stat().st_size > 5000
-    cal = res["archs"]["strided"]["calibration"]
-    assert cal["low_res_seconds"] > 0 and cal["full_res_seconds"] > 0 and cal["low_res_frac"] == 0.55
-    # the calibration times training and evaluation apart: an epoch's own seconds, from the
-    # calibration run's metrics, hold no test evaluation
-    hist = [json.loads(line) for line in
-            (tmp_path / "runs" / "calibrate-strided" / "metrics.jsonl").read_text().splitlines()]
-    assert cal["full_res_seconds"] == pytest.approx(hist[1]["train_seconds"], abs=0.01)
-    assert cal["eval_seconds"] == pytest.approx(hist[1]["seconds"] - hist[1]["train_seconds"], abs=0.01)
-    assert cal["eval_seconds"] > 0 and cal["eval_every"] == 0
-    # its first epoch's test is a progress test (2 views), the second the final one (6 views)
-    assert [m["eval_tta"] for m in hist] == ["flip", "flip-shift"]
-    assert cal["progress_eval_seconds"] == pytest.approx(hist[0]["seconds"] - hist[0]["train_seconds"],
-                                                         abs=0.01)
-    per = 0.55 * cal["low_res_seconds"] + 0.45 * cal["full_res_seconds"]
-    assert cal["seconds_per_epoch"] == pytest.approx(per, abs=0.01)
     runs = res["archs"]["strided"]["budgets"]
     assert set(runs) == {"0.3", "30"}
+    for key, r in runs.items():  # each run is sized by its own calibration, made right before it
+        cal = r["calibration"]
+        assert cal["low_res_seconds"] > 0 and cal["full_res_seconds"] > 0 and cal["low_res_frac"] == 0.55
+        # the calibration times training and evaluation apart: an epoch's own seconds, from the
+        # calibration run's metrics, hold no test evaluation
+        hist = [json.loads(line) for line in
+                (tmp_path / "runs" / f"calibrate-strided-{key}min" / "metrics.jsonl").read_text().splitlines()]
+        assert cal["full_res_seconds"] == pytest.approx(hist[1]["train_seconds"], abs=0.01)
+        assert cal["eval_seconds"] == pytest.approx(hist[1]["seconds"] - hist[1]["train_seconds"], abs=0.01)
+        assert cal["eval_seconds"] > 0 and cal["eval_every"] == 0
+        # its first epoch's test is a progress test (2 views), the second the final one (6 views)
+        assert [m["eval_tta"] for m in hist] == ["flip", "flip-shift"]
+        assert cal["progress_eval_seconds"] == pytest.approx(hist[0]["seconds"] - hist[0]["train_seconds"],
+                                                             abs=0.01)
+        per = 0.55 * cal["low_res_seconds"] + 0.45 * cal["full_res_seconds"]
+        assert cal["seconds_per_epoch"] == pytest.approx(per, abs=0.01)
     # 18 s hold the most epochs n with startup + n * per + one evaluation <= 18 (at least 1);
     # 30 min hold more than the cap of 3
+    cal = runs["0.3"]["calibration"]
+    per = cal["seconds_per_epoch"]
     fit = max([n for n in range(1, 4) if cal["startup_seconds"] + n * per + cal["eval_seconds"] <= 18],
               default=1)
     assert runs["0.3"]["epochs"] == fit
