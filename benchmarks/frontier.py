@@ -146,9 +146,8 @@ def main(argv=None) -> int:
             entry = result["archs"].setdefault(arch, {"budgets": {}})
             for minutes in args.budgets:
                 key = f"{minutes:g}"
-                wanted = _sans_epochs(portable([sys.executable, "-m", "c40", "train",
-                                                *_flags(arch, args, epochs=0),
-                                                "--out", str(_out(arch, minutes, args)), "--no-progress"]))
+                wanted = portable([sys.executable, "-m", "c40", "train", *_flags(arch, args),
+                                   "--out", str(_out(arch, minutes, args)), "--no-progress"])
                 done = entry["budgets"].get(key)
                 if not args.force and done and _sans_epochs(done["command"]) == wanted:
                     print(f"[frontier] {arch} {key} min: already measured, skipped", file=sys.stderr)
