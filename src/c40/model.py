@@ -206,3 +206,23 @@ def dilated_resnet(*, dropout: float = 0.0, width: float = 1.0, num_classes: int
     c4 = nn.Sequential(DepthwiseSeparable(c, d, dilation=2, padding=0),                # 4x4
                        Residual(DepthwiseSeparable(d, d)), nn.Dropout(p))
     return C40Net(c1, c2, c3, c4, d, dropout, num_classes)
+
+
+@register_model
+def atrous(*, dropout: float = 0.0, width: float = 1.0, num_classes: int = 10) -> C40Net:
+    """resnet computed densely, the no-stride way (dilated-residual-network style): where resnet
+    strides by 2, 4 and 8, this net's convs are dilated by 2, 4 and 8 instead, so every stage
+    sees the same spacing of its input that resnet's does and the kernels leave no holes. Each
+    transition is unpadded (32 -> 24 -> 16 -> 8) to keep the cost ~2x resnet's; the pairs are
+    padded. No stride, no pooling before GAP; needs >= 25 px inputs.
+    """
+    a, b, c, d = (_ch(n, width) for n in (16, 32, 64, 128))
+    p = dropout
+    pair = lambda ch, d1, d2: Residual(ConvBN(ch, ch, dilation=d1), ConvBN(ch, ch, dilation=d2))  # noqa: E731
+    c1 = nn.Sequential(ConvBN(3, a), pair(a, 1, 1), pair(a, 1, 1))                     # 32x32
+    c2 = nn.Sequential(ConvBN(a, b, dilation=4, padding=0), pair(b, 2, 2), pair(b, 2, 2),
+                       nn.Dropout(p))                                                   # 24x24
+    c3 = nn.Sequential(ConvBN(b, c, dilation=4, padding=0), pair(c, 8, 4), nn.Dropout(p))  # 16x16
+    c4 = nn.Sequential(DepthwiseSeparable(c, d, dilation=4, padding=0),                # 8x8
+                       Residual(DepthwiseSeparable(d, d, dilation=8)), nn.Dropout(p))
+    return C40Net(c1, c2, c3, c4, d, dropout, num_classes)
