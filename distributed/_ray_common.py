@@ -127,6 +127,21 @@ def data_location(data: str | None) -> str:
     return str(resolve_data_root(data).resolve())
 
 
+def stage_teacher(args: argparse.Namespace, cfg):
+    """cfg with its --teacher where every node reads it: a URI as given; a local file (checked
+    here, in one line) copied into the run's storage as RUN/teacher.pt, since workers on other
+    nodes do not see this machine's disk. `args.teacher` follows (scripts rebuild cfg from args)."""
+    import dataclasses
+
+    from c40.checkpoint import load_checkpoint
+
+    if not cfg.teacher or is_uri(cfg.teacher):
+        return cfg
+    load_checkpoint(cfg.teacher)  # missing, unreadable, not a c40 checkpoint: fails here
+    args.teacher = write_bytes(f"{args.run}/teacher.pt", Path(cfg.teacher).read_bytes())
+    return dataclasses.replace(cfg, teacher=args.teacher)
+
+
 def run_name(args: argparse.Namespace, prefix: str) -> str:
     return args.name or time.strftime(f"{prefix}-%Y%m%d-%H%M%S")
 

@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Train
     args.run = f"{args.storage}/{args.name}"
     try:
         args.out = rc.location(args.out, "--out") if args.out else args.run
-        return args, config_from_args(args)
+        return args, rc.stage_teacher(args, config_from_args(args))
     except C40Error as e:
         parser.error(str(e))
 

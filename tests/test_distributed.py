@@ -62,6 +62,28 @@ def test_the_driver_refuses_a_model_before_any_worker_starts(script, tiny_cifar,
     assert ray.is_initialized() == started  # refused before ray.init
 
 
+def test_a_local_teacher_is_staged_where_every_node_reads_it(script, tiny_cifar, tmp_path):
+    """Workers on other nodes do not see the driver's disk: a local --teacher is copied into the
+    run's storage and the workers' config names that copy; a missing one fails in the driver."""
+    import torch
+
+    from c40.checkpoint import load_checkpoint
+    from c40.model import create_model
+
+    teacher = tmp_path / "teacher.pt"  # any c40 checkpoint
+    torch.save({"model": create_model("strided", width=0.5).state_dict(), "ema": None,
+                "config": {"arch": "strided", "width": 0.5}, "classes": list(range(10)),
+                "mean": [0.5] * 3, "std": [0.25] * 3}, teacher)
+    args, cfg = script.parse_args([*TINY, "--data", str(tiny_cifar), "--storage", str(tmp_path / "s"),
+                                   "--name", "kd", "--teacher", str(teacher)])
+    staged = f"{tmp_path / 's'}/kd/teacher.pt"
+    assert cfg.teacher == args.teacher == staged
+    assert load_checkpoint(staged)["config"]["arch"] == "strided"
+    with pytest.raises(SystemExit):
+        script.parse_args([*TINY, "--data", str(tiny_cifar), "--storage", str(tmp_path / "s"),
+                           "--name", "kd2", "--teacher", str(tmp_path / "missing.pt")])
+
+
 @pytest.fixture(scope="module")
 def two_workers(ray_local, script, tiny_cifar, tmp_path_factory):
     return _train(script, tiny_cifar, tmp_path_factory.mktemp("dist"), "w2", "--num-workers", "2")

@@ -10,6 +10,7 @@ trial / one training worker exits after epoch 1 and must resume from its checkpo
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -179,11 +180,23 @@ def test_search_runs_on_worker_nodes_resumes_a_killed_trial_from_s3(cluster, s3,
     _nothing_local(cluster)
 
 
-def test_train_spreads_two_workers_and_restores_a_killed_one_from_s3(cluster, s3):
+def test_train_spreads_two_workers_and_restores_a_killed_one_from_s3(cluster, s3, tiny_cifar):
+    """... with a distillation teacher that only the head's disk holds: the driver stages it in
+    the bucket, where the workers on the other nodes read it."""
+    import torch
+
+    from c40.data import load_dataset
+    from c40.model import create_model
+
     _, fs = s3
+    teacher = cluster["head_only"] / "teacher.pt"
+    torch.save({"model": create_model("strided", width=0.5).state_dict(), "ema": None,
+                "config": {"arch": "strided", "width": 0.5}, "mean": [0.5] * 3, "std": [0.25] * 3,
+                "classes": list(load_dataset(tiny_cifar, "train").classes)}, teacher)
     t0 = time.perf_counter()
     s = _run(cluster, "distributed/train.py", "--name", "train", "--num-workers", "2",
-             "--cpus-per-worker", "0.5", "--placement", "SPREAD", "--lr", "0.05")
+             "--cpus-per-worker", "0.5", "--placement", "SPREAD", "--lr", "0.05",
+             "--teacher", str(teacher))
     print(f"Ray Train on the cluster: {time.perf_counter() - t0:.1f} s")
     assert set(s["node_ids"]) == cluster["worker_ids"]  # one worker on each worker node
     assert s["resumed_from_epoch"] == 1  # rank 1 died after epoch 1: restored from the bucket
@@ -192,4 +205,9 @@ def test_train_spreads_two_workers_and_restores_a_killed_one_from_s3(cluster, s3
     assert s["checkpoint"] == f"s3://{run}/checkpoint.pt"
     assert fs.get_file_info(f"{run}/checkpoint.pt").size > 0
     assert fs.get_file_info(f"{run}/.c40-fault-injected").is_file
+    assert fs.get_file_info(f"{run}/teacher.pt").size == teacher.stat().st_size
+    with fs.open_input_stream(f"{run}/checkpoint.pt") as f:  # the workers' config names the copy
+        state = torch.load(io.BytesIO(f.read()), weights_only=True)
+    assert state["config"]["teacher"] == f"s3://{run}/teacher.pt"
+    teacher.unlink()
     _nothing_local(cluster)

@@ -137,7 +137,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Train
         args.tta = SEARCH_TTA
     try:
         args.ranges = {n: (lo, hi, space_.RANGES[n][2]) for n, lo, hi in map(space_.parse_range, args.range)}
-        base = config_from_args(args)
+        base = rc.stage_teacher(args, config_from_args(args))
     except (ValueError, C40Error) as e:
         parser.error(str(e))
     args.fixed = {k: getattr(args, k) for k in SEARCHED if getattr(args, k) is not None}

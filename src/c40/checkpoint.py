@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import io
 import os
 import platform
 import random
@@ -14,9 +15,10 @@ import torch
 from torch import nn
 
 from c40.config import PLAIN_SGD
-from c40.errors import CheckpointError, ConfigError
+from c40.errors import C40Error, CheckpointError, ConfigError, first_line
 from c40.files import atomic_path
 from c40.precision import amp_name
+from c40.remote import is_uri, read_bytes
 
 FORMAT_VERSION = 1
 # what a released (weights-only) checkpoint keeps: enough to evaluate, report and predict
@@ -32,17 +34,24 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Read a c40 checkpoint (tensors and plain data only); a clear error for anything else.
+    """Read a c40 checkpoint (tensors and plain data only) from a path or a URI; a clear error
+    for anything else.
 
     Training state is loaded to the CPU (the default): `load_state_dict` moves each tensor to its
     module's or parameter's device, and RNG states must stay CPU ByteTensors."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
+    if is_uri(path):  # a bucket every node reads (e.g. a distillation teacher on a cluster)
+        try:
+            source = io.BytesIO(read_bytes(path))
+        except (OSError, C40Error) as e:
+            raise CheckpointError(f"{path}: checkpoint not readable ({first_line(e)})") from None
+    else:
+        path = source = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: checkpoint not found")
     try:
         with warnings.catch_warnings():  # torch warns on stderr about pickle protocols > 2
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            state = torch.load(path, map_location=map_location, weights_only=True)
+            state = torch.load(source, map_location=map_location, weights_only=True)
     except Exception as e:
         text = str(e).strip()
         first = text.splitlines()[0] if text else type(e).__name__
@@ -139,9 +148,9 @@ def provenance() -> dict:
 # a changed lr/momentum/weight decay, and a changed step count crashes OneCycleLR at the end.
 RESUME_MUST_MATCH = ("arch", "width", "epochs", "batch_size", "subset", "val_split", "lr",
                      "schedule", "warmup", "momentum", "nesterov", "weight_decay", "muon_lr",
-                     "bn_bias_lr")
+                     "bn_bias_lr", "teacher", "distill", "distill_temp")
 # fields newer than some checkpoints -> the value every run before them had (not today's default)
-BEFORE_FIELD = PLAIN_SGD
+BEFORE_FIELD = {**PLAIN_SGD, "teacher": None, "distill": 0.5, "distill_temp": 4.0}
 
 
 def restore_run(run, state: dict, path: Path) -> None:

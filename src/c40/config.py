@@ -100,6 +100,12 @@ class TrainConfig:
     muon_lr: float = _f(0.05, "peak learning rate of Muon (orthogonalized momentum) for the full "
                               "conv filters; 0: SGD for every weight (see c40.optim)")
     label_smoothing: float = _f(0.2, "cross-entropy label smoothing")
+    teacher: str | None = _f(None, "knowledge distillation: a c40 checkpoint, path or URI, whose "
+                                   "model (its EMA weights if kept) gives soft targets for every "
+                                   "training batch; its forward pass is part of each step")
+    distill: float = _f(0.5, "with --teacher: weight of the distillation loss (KL divergence to "
+                             "the teacher at distill_temp); the label loss gets 1 - distill")
+    distill_temp: float = _f(4.0, "with --teacher: softmax temperature of the distillation loss")
     ema: bool = _f(False, "evaluate an exponential moving average of the weights")
     ema_decay: float = _f(0.99, "per-step EMA decay")
     loader: str = _f("tensor", "tensor (batch tensor ops on the device: measured faster on CPU "
@@ -155,6 +161,8 @@ class TrainConfig:
             (0 <= self.low_res_frac < 1, f"low-res-frac must be in [0, 1), got {self.low_res_frac}"),
             (0 <= self.warmup < 1, f"warmup must be in [0, 1), got {self.warmup}"),
             (self.weight_decay >= 0, f"weight-decay must be >= 0, got {self.weight_decay}"),
+            (0 <= self.distill <= 1, f"distill must be in [0, 1], got {self.distill}"),
+            (self.distill_temp > 0, f"distill-temp must be > 0, got {self.distill_temp}"),
             (self.muon_lr >= 0, f"muon-lr must be >= 0, got {self.muon_lr}"),
             (self.bn_bias_lr > 0, f"bn-bias-lr must be > 0, got {self.bn_bias_lr}"),
             (0 < self.ema_decay < 1, f"ema-decay must be in (0, 1), got {self.ema_decay}"),

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from c40.checkpoint import load_checkpoint, provenance, restore_run, run_state, save_checkpoint
 from c40.config import TrainConfig, progress_tta
 from c40.data import channel_stats, load_dataset, resolve_data_root
+from c40.distill import Teacher, load_teacher
 from c40.ema import EMA
 from c40.errors import CheckpointError, TrainingDiverged
 from c40.evaluate import evaluate
@@ -50,11 +51,14 @@ class FitResult:
 
 
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler, amp_ctx: Callable, label_smoothing: float):
+               scaler: torch.amp.GradScaler, amp_ctx: Callable, label_smoothing: float,
+               teacher: Teacher | None = None):
     """One optimisation step; returns (loss, correct) as device tensors (no host sync)."""
     with amp_ctx():
         logits = model(x)
         loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        if teacher is not None:
+            loss = teacher.loss(loss, logits, x)
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(opt)
@@ -72,6 +76,7 @@ class RunState:
     model: nn.Module                # the plain module (weights, checkpoints)
     net: nn.Module                  # what the step calls: model, under DDP and/or torch.compile
     ema: EMA | None
+    teacher: Teacher | None         # knowledge distillation (cfg.teacher)
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
@@ -153,6 +158,7 @@ def _setup(cfg: TrainConfig, device: torch.device, rank: int, world_size: int) -
     run = RunState(
         cfg=cfg, device=device, rank=rank, world_size=world_size, model=model, net=model,
         ema=EMA(model, cfg.ema_decay) if cfg.ema else None, opt=opt,
+        teacher=load_teacher(cfg, device, amp, mean, std, train.classes),
         sched=create_scheduler(opt, cfg, cfg.epochs * len(train_loader)), scaler=scaler, amp=amp,
         train_loader=train_loader,
         test_loader=TensorLoader(test.images, test.labels, test_spec, device) if evaluates else None,
@@ -184,7 +190,8 @@ def train_batch(run: RunState, x: torch.Tensor, y: torch.Tensor, stats: EpochSta
     """One batch of an epoch: resize, step, schedule, EMA, running sums. No host sync."""
     if res is not None and res != x.shape[-1]:  # progressive resizing
         x = F.interpolate(x, size=(res, res), mode="bilinear", antialias=True, align_corners=False)
-    loss, corr = train_step(run.net, x, y, run.opt, run.scaler, run.amp_ctx, run.cfg.label_smoothing)
+    loss, corr = train_step(run.net, x, y, run.opt, run.scaler, run.amp_ctx, run.cfg.label_smoothing,
+                            run.teacher)
     bad = ~torch.isfinite(loss) & (stats.first_bad < 0)
     stats.first_bad = torch.where(bad, torch.full_like(stats.first_bad, run.step), stats.first_bad)
     run.sched.step()
