@@ -5,7 +5,8 @@ each image on top of its label. The loss (Hinton et al., 2015):
     (1 - w) * cross_entropy(student, labels) + w * T^2 * KL(softmax(teacher / T) || softmax(student / T))
 
 The teacher runs frozen, in eval mode, under the run's autocast; its checkpoint may name another
-arch and other normalisation statistics (the batch is re-normalised for it).
+arch and other normalisation statistics (the batch is re-normalised for it). A distilled run's
+`train_loss` is this mixed loss.
 """
 from __future__ import annotations
 
