@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from c40.checkpoint import load_checkpoint, load_model
-from c40.data import load_dataset
 from c40.distill import Teacher, load_teacher
 from c40.errors import C40Error, CheckpointError, ConfigError
+from c40.inference import evaluate_checkpoint
 from c40.train import fit
 from test_train import _Stop, _stop_after, tiny_cfg
 
@@ -54,13 +54,7 @@ def test_a_student_learns_to_agree_with_its_teacher(teacher_ckpt, tiny_cifar, tm
     """With the whole loss on the teacher (distill 1), the student copies the teacher's
     predictions more closely than the same run on labels alone."""
     def predictions(path):
-        model, _ = load_model(path)
-        test = load_dataset(tiny_cifar, "test")
-        mean, std = load_checkpoint(path)["mean"], load_checkpoint(path)["std"]
-        x = torch.from_numpy(test.images).permute(0, 3, 1, 2).float() / 255
-        x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-        with torch.no_grad():
-            return model(x).argmax(1).numpy()
+        return evaluate_checkpoint(path, data=tiny_cifar, tta="off")[0].preds
 
     runs = {}
     taught_only = dict(teacher=str(teacher_ckpt), distill=1.0, distill_temp=1.0)
