@@ -73,8 +73,8 @@ def test_corrupt_batch_file_through_cli(tiny_cifar, tmp_path):
     # a no-stride arch's unpadded convs leave nothing of a 24-px image: said before training
     (["--arch", "dilated", "--low-res-frac", "0.5"],
      ["dilated needs inputs of at least 27 px", "--low-res 24", "--low-res-frac 0"]),
-    (["--arch", "dilated_resnet", "--recipe", "best", "--epochs", "5"],  # 2 of 5 at 24 px
-     ["dilated_resnet needs inputs of at least 29 px"]),
+    (["--arch", "atrous", "--recipe", "best", "--epochs", "5"],  # 2 of 5 at 24 px
+     ["atrous needs inputs of at least 25 px"]),
 ])
 def test_bad_train_values(tiny_cifar, tmp_path, flags, words):
     r = c40("train", "--data", str(tiny_cifar), "--out", str(tmp_path / "o"), *flags)

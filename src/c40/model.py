@@ -190,25 +190,6 @@ def resnet(*, dropout: float = 0.0, width: float = 1.0, num_classes: int = 10) -
 
 
 @register_model
-def dilated_resnet(*, dropout: float = 0.0, width: float = 1.0, num_classes: int = 10) -> C40Net:
-    """resnet's dilated member: the same blocks and widths, but no stride and no pooling before
-    GAP. Unpadded 3x3 convs with dilation 6 replace the two full stride-2 convs (32 -> 20 -> 8),
-    an unpadded dilated (d=2) depthwise-separable conv the depthwise one (8 -> 4). Its maps need
-    >= 29 px inputs (no 24-px epochs). ~66M FLOPs/image (1.22x resnet: C2 runs at 20x20), ~172k
-    params, RF 53.
-    """
-    a, b, c, d = (_ch(n, width) for n in (16, 32, 64, 128))
-    p = dropout
-    pair = lambda ch: Residual(ConvBN(ch, ch), ConvBN(ch, ch))  # noqa: E731
-    c1 = nn.Sequential(ConvBN(3, a), pair(a), pair(a))                                 # 32x32
-    c2 = nn.Sequential(ConvBN(a, b, dilation=6, padding=0), pair(b), pair(b), nn.Dropout(p))  # 20x20
-    c3 = nn.Sequential(ConvBN(b, c, dilation=6, padding=0), pair(c), nn.Dropout(p))   # 8x8
-    c4 = nn.Sequential(DepthwiseSeparable(c, d, dilation=2, padding=0),                # 4x4
-                       Residual(DepthwiseSeparable(d, d)), nn.Dropout(p))
-    return C40Net(c1, c2, c3, c4, d, dropout, num_classes)
-
-
-@register_model
 def atrous(*, dropout: float = 0.0, width: float = 1.0, num_classes: int = 10) -> C40Net:
     """resnet computed densely, the no-stride way (dilated-residual-network style): where resnet
     strides by 2, 4 and 8, this net's convs are dilated by 2, 4 and 8 instead, so every stage
