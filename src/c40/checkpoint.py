@@ -53,8 +53,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             state = torch.load(source, map_location=map_location, weights_only=True)
     except Exception as e:
-        text = str(e).strip()
-        first = text.splitlines()[0] if text else type(e).__name__
+        text, first = str(e).strip(), first_line(e)
         if text.startswith("Weights only load failed"):  # torch's advice is to load it unsafely
             first = "holds more than tensors and plain data, refused: " + _refusal(text)
         raise CheckpointError(f"{path}: unreadable checkpoint ({first[:200]})") from None
