@@ -56,7 +56,7 @@ RECIPES: dict[str, dict] = {
     # the most accuracy: the resnet arch, a long schedule, stronger augmentation, EMA of the
     # weights; 40% of the epochs at 24 px. 93.13% (weights/resnet_best200.pt) in 75 min of the
     # 2-core bf16 CPU (~6 h on an AVX2-only one: continue with --resume). The strided net
-    # saturates near 91.6% (120 epochs: 91.46% in 44 min; 240: 91.63%). The GPU values (batch
+    # gains slowly (120 epochs: 91.46% in 44 min; 303: 92.28% in 58 min). The GPU values (batch
     # 512, lr 0.4) are not measured on resnet yet.
     "best": dict(arch="resnet", epochs=200, label_smoothing=0.1, aug_p=0.5, low_res_frac=0.4,
                  **PLAIN_SGD,  # measured with it
