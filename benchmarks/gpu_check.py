@@ -38,6 +38,10 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+# seconds one Ray script may run: on the GPU machine (16 cores) the limit guards the lent device
+# time; the CPU rehearsal's fault test (Ray start, a killed worker, the restart) took 172 s on two
+# cores beside a training run, and ran past 300 s beside a training run and a test suite
+SCRIPT_TIMEOUT_S = {"gpu": 300, "dry_run": 900}
 sys.path.insert(0, str(HERE))
 from _common import machine_info, write_result  # noqa: E402
 
@@ -201,7 +205,8 @@ def step_fast_recipe(c: Check) -> dict:
 
 def _script(c: Check, argv: list[str], env: dict | None = None) -> dict:
     p = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=ROOT,
-                       env={**os.environ, **(env or {})}, timeout=300)
+                       env={**os.environ, **(env or {})},
+                       timeout=SCRIPT_TIMEOUT_S["dry_run" if c.dry else "gpu"])
     _require(p.returncode == 0, f"{argv[0]} exited {p.returncode}: {(p.stderr.strip().splitlines() or [''])[-1][:300]}")
     # the script's summary is its last JSON line, not its last line: Ray forwards worker logs to
     # the driver's stdout asynchronously, so one can land after it

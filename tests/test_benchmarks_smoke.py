@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -252,9 +253,10 @@ def test_gpu_check_reads_a_scripts_json_line_when_ray_logs_after_it():
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
     late = "import json; print('banner'); print(json.dumps({'a': 1})); print('(train_trial pid=7) bye')"
-    assert gpu_check._script(None, ["-c", late]) == {"a": 1}
+    check = types.SimpleNamespace(dry=True)
+    assert gpu_check._script(check, ["-c", late]) == {"a": 1}
     with pytest.raises(AssertionError, match="no JSON line"):
-        gpu_check._script(None, ["-c", "print('only logs')"])
+        gpu_check._script(check, ["-c", "print('only logs')"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the check would run")
