@@ -12,8 +12,11 @@ budget is then one fresh process timed from start to exit, as a user meets it; a
 overshoots its budget is recorded with `within_budget: false`, not hidden. Results, each run with
 the calibration that sized it, are written after every run, and a run already measured with the
 same flags (its epochs aside) is skipped (--force reruns), so the benchmark can be run in pieces.
+--train-flags adds `c40 train` flags to every run of the call (its calibrations included); its
+runs are a line of their own, named by the arch and those flags, beside the plain arch's.
 Usage:
   python benchmarks/frontier.py --data DIR --archs strided,resnet --budgets 5,15,30,60
+  python benchmarks/frontier.py --data DIR --archs resnet --budgets 60 --train-flags "--muon-lr 0.05"
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ import argparse
 import json
 import math
 import os
+import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -29,6 +34,7 @@ from _common import (arch_names, machine_info, portable, same_machine,  # noqa: 
                      train_process, write_result)
 
 from c40.config import RECIPES, TrainConfig, positive_int  # noqa: E402
+from c40.errors import C40Error  # noqa: E402
 from c40.report import figure  # noqa: E402
 
 
@@ -43,7 +49,41 @@ def _flags(arch: str, args, **extra) -> list[str]:
         if value is None:
             continue
         flags += ["--" + flag.replace("_", "-"), str(value)]
+    return flags + args.train_flags
+
+
+# the flags that make a frontier run what it is: --train-flags may not set them
+OWNED = {"--recipe", "--arch", "--seed", "--tta", "--epochs", "--data", "--out", "--subset",
+         "--test-subset", "--low-res-frac", "--eval-every", "--resume", "--config", "--no-progress"}
+
+
+def train_flags(text: str) -> list[str]:
+    try:
+        flags = shlex.split(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--train-flags {text!r}: {e}") from None
+    owned = sorted({f.split("=")[0] for f in flags} & OWNED)
+    if owned:
+        raise argparse.ArgumentTypeError(f"--train-flags may not set {', '.join(owned)}: "
+                                         "the frontier sets them for each run")
     return flags
+
+
+def check_flags(arch: str, args) -> None:
+    """Refuse, before any run, flags that `c40 train` would refuse."""
+    from c40.cli import build_parser
+    from c40.config import config_from_args
+
+    try:
+        parsed = build_parser().parse_args(["train", *_flags(arch, args, epochs=1)])
+    except SystemExit:  # argparse has printed why
+        raise C40Error(f"--train-flags {' '.join(args.train_flags)!r}: not c40 train flags") from None
+    config_from_args(parsed)  # a ConfigError names the bad value
+
+
+def label(arch: str, args) -> str:
+    """The line's name in the JSON and the plot: the arch, then any --train-flags."""
+    return " ".join([arch, *args.train_flags])
 
 
 def calibrate(arch: str, minutes: float, args) -> dict:
@@ -51,7 +91,7 @@ def calibrate(arch: str, minutes: float, args) -> dict:
     test and of the final test (c40.config.progress_tta), and the process's startup."""
     cfg = TrainConfig.from_recipe(args.recipe, arch=arch, device="cpu")
     r = train_process(_flags(arch, args, epochs=2, low_res_frac=0.5, eval_every=1),
-                      Path(args.runs_dir) / f"calibrate-{arch}-{minutes:g}min",
+                      Path(args.runs_dir) / f"calibrate-{_slug(arch, args)}-{minutes:g}min",
                       f"frontier calibrate {arch} for {minutes:g} min")
     low, full = r["history"]
     per_epoch = cfg.low_res_frac * low["train_seconds"] + (1 - cfg.low_res_frac) * full["train_seconds"]
@@ -87,7 +127,7 @@ def run_budget(arch: str, minutes: float, args) -> dict:
                       f"frontier {arch} {minutes:g} min")
     curve = [{"epoch": m["epoch"], "elapsed": round(m["elapsed"], 2), "test_acc": m["test_acc"]}
              for m in r.pop("history") if "test_acc" in m]
-    return {**r, "arch": arch, "budget_minutes": minutes, "curve": curve,
+    return {**r, "arch": arch, "train_flags": args.train_flags, "budget_minutes": minutes, "curve": curve,
             "within_budget": r["wall_seconds"] <= 60 * minutes, "calibration": cal}
 
 
@@ -96,8 +136,12 @@ def _sans_epochs(command: list[str]) -> list[str]:
     return command[:i] + command[i + 2:]
 
 
+def _slug(arch: str, args) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "_", label(arch, args).replace("--", "")).strip("_")
+
+
 def _out(arch: str, minutes: float, args) -> Path:
-    return Path(args.runs_dir) / f"{arch}-{minutes:g}min"
+    return Path(args.runs_dir) / f"{_slug(arch, args)}-{minutes:g}min"
 
 
 def plot(result: dict, path: Path) -> Path:
@@ -143,7 +187,9 @@ def main(argv=None) -> int:
               "machine": machine}
     try:
         for arch in args.archs:
-            entry = result["archs"].setdefault(arch, {"budgets": {}})
+            check_flags(arch, args)
+        for arch in args.archs:
+            entry = result["archs"].setdefault(label(arch, args), {"budgets": {}})
             for minutes in args.budgets:
                 key = f"{minutes:g}"
                 wanted = portable([sys.executable, "-m", "c40", "train", *_flags(arch, args),
@@ -154,7 +200,7 @@ def main(argv=None) -> int:
                     continue
                 entry["budgets"][key] = run_budget(arch, minutes, args)
                 write_result(json_path, result)  # after every run: it can stop and go on
-    except RuntimeError as e:
+    except (RuntimeError, C40Error) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     write_result(json_path, result)
@@ -188,6 +234,8 @@ def _parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--out-dir", default="benchmarks/results", help="where the JSON and PNG go")
     ap.add_argument("--runs-dir", default="runs/frontier", help="each run's checkpoint and metrics")
     ap.add_argument("--force", action="store_true", help="rerun runs already measured")
+    ap.add_argument("--train-flags", type=train_flags, default=[],
+                    help='more `c40 train` flags for every run, e.g. "--muon-lr 0.05 --bn-bias-lr 8" (one flag alone: --train-flags=--flag)')
     ap.add_argument("--epochs-cap", type=positive_int, default=None,
                     help="at most this many epochs per run (smoke tests)")
     ap.add_argument("--subset", type=positive_int, default=None, help="train on N images (smoke tests)")

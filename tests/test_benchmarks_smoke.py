@@ -165,6 +165,38 @@ def test_frontier_sizes_each_run_to_its_budget_and_skips_on_rerun(tiny_cifar, tm
     assert json.loads((tmp_path / "res" / "frontier.json").read_text())["archs"] == res["archs"]
 
 
+def test_frontier_train_flags_make_a_line_of_their_own(tiny_cifar, tmp_path, capsys):
+    """--train-flags reach the calibration and the run, and their runs are measured and kept
+    apart from the plain arch's (a Muon point must not be skipped as the plain one, nor replace
+    it); flags the frontier sets, or that c40 train refuses, stop it before any run."""
+    from conftest import load_script
+
+    frontier = load_script("benchmarks/frontier.py")
+    base = ["--data", str(tiny_cifar), "--recipe", "fast", "--budgets", "0.1", "--epochs-cap", "1",
+            "--subset", "200", "--test-subset", "100", "--out-dir", str(tmp_path / "res"),
+            "--runs-dir", str(tmp_path / "runs")]
+    assert frontier.main(base) == 0
+    assert frontier.main([*base, "--train-flags", "--bn-bias-lr 2 --muon-lr 0"]) == 0
+    res = json.loads((tmp_path / "res" / "frontier.json").read_text())
+    assert set(res["archs"]) == {"strided", "strided --bn-bias-lr 2 --muon-lr 0"}
+    plain, flagged = res["archs"]["strided"]["budgets"]["0.1"], \
+        res["archs"]["strided --bn-bias-lr 2 --muon-lr 0"]["budgets"]["0.1"]
+    assert "--bn-bias-lr" not in plain["command"] and plain["train_flags"] == []
+    assert flagged["command"][-7:-3] == ["--bn-bias-lr", "2", "--muon-lr", "0"]
+    assert flagged["calibration"]["command"][-7:-3] == ["--bn-bias-lr", "2", "--muon-lr", "0"]
+    from c40.checkpoint import load_checkpoint
+    ckpt = load_checkpoint(tmp_path / "runs" / "strided_bn_bias_lr_2_muon_lr_0-0.1min" / "checkpoint.pt")
+    assert ckpt["config"]["bn_bias_lr"] == 2.0 and ckpt["config"]["muon_lr"] == 0.0
+    with pytest.raises(SystemExit):
+        frontier.main([*base, "--train-flags", "--epochs 5"])
+    assert "may not set --epochs" in capsys.readouterr().err
+    assert frontier.main([*base, "--train-flags", "--bn-bias-lr -1"]) == 2
+    assert "bn-bias-lr must be > 0" in capsys.readouterr().err
+    assert frontier.main([*base, "--train-flags=--no-such-flag"]) == 2
+    assert "not c40 train flags" in capsys.readouterr().err
+    assert set(json.loads((tmp_path / "res" / "frontier.json").read_text())["archs"]) == set(res["archs"])
+
+
 def test_frontier_budget_pays_for_the_test_evaluations():
     """A best-recipe run tests every 10 epochs (~5 s each with flip TTA on resnet) and at the
     end (~15 s with flip-shift): the epochs that fit a budget leave time for them, or the run
