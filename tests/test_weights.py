@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
+from c40.checkpoint import load_checkpoint
 from conftest import REPO
 
 RELEASED = sorted((REPO / "weights").glob("*.pt"))
@@ -22,7 +22,7 @@ def test_every_released_checkpoint_is_listed():
 def test_metrics_jsonl_is_the_checkpoints_own_history(path):
     """A checkpoint replaced without its log (or the reverse) makes the README cite a run that
     is not the one released."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_checkpoint(path)
     lines = path.with_suffix(".metrics.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == state["history"]
     assert state["history"][-1]["epoch"] == len(state["history"]) and "test_acc" in state["history"][-1]
