@@ -103,6 +103,28 @@ def machine_line(m: dict) -> str:
     return ", ".join(f"{k}={m.get(k)!r}" for k in MACHINE_KEYS)
 
 
+def previous_result(path: str | os.PathLike, machine: dict, key: str) -> dict:
+    """The result at `path` to add this machine's runs to: {} when there is none. One that holds
+    another machine's results (under `key`) is not written over: a RuntimeError names both
+    machines and --out-dir, before anything is measured (results never mix machines, and a
+    committed result of one host must not vanish when the script runs on another)."""
+    path = Path(path)
+    try:
+        old = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError as e:
+        raise RuntimeError(f"{path} is not a JSON result ({e}); move it away or pass --out-dir") from None
+    theirs = old.get("machine", {})
+    if same_machine(theirs, machine):
+        return old
+    if old.get(key):
+        raise RuntimeError(f"{path} holds another machine's results ({machine_line(theirs)}; this "
+                           f"one: {machine_line(machine)}); pass --out-dir DIR to measure this "
+                           "machine apart")
+    return {}
+
+
 def write_result(path: str | os.PathLike, result: dict) -> Path:
     """Write `result` as JSON to `path` atomically: readers see the old file or the whole new one."""
     from c40.files import write_text

@@ -21,7 +21,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -30,7 +29,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (arch_names, machine_info, portable, same_machine,  # noqa: E402
+from _common import (arch_names, machine_info, portable, previous_result,  # noqa: E402
                      train_process, write_result)
 
 from c40.config import RECIPES, TrainConfig, positive_int  # noqa: E402
@@ -179,13 +178,9 @@ def main(argv=None) -> int:
     json_path, png_path = out_dir / "frontier.json", out_dir / "frontier.png"
     machine = machine_info()
     try:
-        old = json.loads(json_path.read_text()) if json_path.exists() else {}
-    except ValueError:
-        old = {}
-    same = same_machine(old.get("machine", {}), machine)
-    result = {"recipe": args.recipe, "seed": args.seed, "archs": old.get("archs", {}) if same else {},
-              "machine": machine}
-    try:
+        old = previous_result(json_path, machine, "archs")
+        result = {"recipe": args.recipe, "seed": args.seed, "archs": old.get("archs", {}),
+                  "machine": machine}
         for arch in args.archs:
             check_flags(arch, args)
         for arch in args.archs:

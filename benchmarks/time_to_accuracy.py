@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (machine_info, machine_line, same_machine, train_process,  # noqa: E402
-                     write_result)
+from _common import (machine_info, machine_line, previous_result, same_machine,  # noqa: E402
+                     train_process, write_result)
 
 from c40.config import TrainConfig  # noqa: E402
 
@@ -130,14 +130,9 @@ def main(argv=None) -> int:
     args = _parse(argv)
     out_dir = Path(args.out_dir)
     json_path, png_path = out_dir / "time_to_accuracy.json", out_dir / "time_to_accuracy.png"
-    try:
-        result = json.loads(json_path.read_text()) if json_path.exists() else {}
-    except ValueError:
-        result = {}
     machine = machine_info()
-    same = same_machine(result.get("machine", {}), machine)
-    runs: dict = result.get("runs", {}) if same else {}  # never mix machines
     try:
+        runs: dict = previous_result(json_path, machine, "runs").get("runs", {})
         plan = [("fast", s) for s in args.seeds]
         if args.reference_from:
             runs.update(_reference_from(args.reference_from, machine))

@@ -234,6 +234,33 @@ def test_time_to_accuracy_never_mixes_machines():
     assert tta.same_machine(legacy, here)
 
 
+@pytest.mark.parametrize("script, name, key", [("frontier.py", "frontier.json", "archs"),
+                                               ("time_to_accuracy.py", "time_to_accuracy.json", "runs")])
+def test_benchmarks_keep_another_machines_results(script, name, key, tiny_cifar, tmp_path, capsys):
+    """Run on another host, a benchmark stops before training, names --out-dir and leaves the
+    committed result of the first host as it was (it used to start a new result and write it
+    over the old file after its first run)."""
+    from conftest import load_script
+
+    mod = load_script(f"benchmarks/{script}")
+    res_dir = tmp_path / "res"
+    res_dir.mkdir()
+    theirs = {"machine": {**mod.machine_info(), "cpu_generation": "family 1 model 1"},
+              key: {"measured": {"final_accuracy": 0.93}}}
+    (res_dir / name).write_text(json.dumps(theirs))
+    small = ["--data", str(tiny_cifar), "--subset", "200", "--test-subset", "100",
+             "--out-dir", str(res_dir), "--runs-dir", str(tmp_path / "runs")]
+    extra = (["--recipe", "fast", "--budgets", "0.1", "--epochs-cap", "1"] if script == "frontier.py"
+             else ["--seeds", "0", "--skip-reference", "--epochs", "1"])
+    assert mod.main(small + extra) == 2
+    err = capsys.readouterr().err
+    assert "another machine's results" in err and "family 1 model 1" in err and "--out-dir" in err
+    assert json.loads((res_dir / name).read_text()) == theirs
+    assert not (tmp_path / "runs").exists()  # nothing was trained
+    (res_dir / name).write_text("{not json")
+    assert mod.main(small + extra) == 2 and "not a JSON result" in capsys.readouterr().err
+
+
 def test_time_to_accuracy_reference_keeps_its_source(tmp_path):
     """A reference run copied from file to file keeps naming the file it was first taken from;
     one measured in the file it is read from gets that file as its source."""
