@@ -41,8 +41,8 @@ def progress_tta(value) -> str:
 # so GPU recipes take 4x larger batches with the learning rate scaled by sqrt(4). Measured on
 # the CPU (accuracy does not depend on the device; seed 0, fp32): fast at batch 512, lr 0.4 gave
 # 85.13% in 11 epochs and 85.93% in 14 (batch 128: 85.69% in 11), hence 14 epochs on a GPU.
-# best and dilated at batch 512 are not measured yet (benchmarks/gpu_check.py measures fast).
-# the optimizer of dilated, reference, the GPU variants (and of every run before Muon came, 2026-12-05)
+# dilated at batch 512 is not measured yet; best at batch 512 only in a 42-epoch CPU proxy.
+# the optimizer of dilated, reference, GPU fast (and of every run before Muon came, 2026-12-05)
 PLAIN_SGD = dict(muon_lr=0.0, bn_bias_lr=1.0)
 
 RECIPES: dict[str, dict] = {
@@ -51,7 +51,7 @@ RECIPES: dict[str, dict] = {
     # the full conv filters and the BatchNorm biases at 8x the rate: 85.40 / 85.39 / 85.76%; the
     # plain SGD recipe before it needed 9 epochs for 85.60% mean (102.6 s); Muon alone at 7: 85.33%
     # mean, at 9: 86.35%. On a GPU (batch 512, lr 0.4): 14 epochs of plain SGD, as measured
-    # (benchmarks/gpu_check.py; Muon is not measured at batch 512).
+    # (benchmarks/gpu_check.py; Muon on fast is not measured at batch 512).
     "fast": dict(cuda=dict(batch_size=512, lr=0.4, epochs=14, **PLAIN_SGD)),
     # the most accuracy: the resnet arch, a long schedule, stronger augmentation, EMA of the
     # weights; 40% of the epochs at 24 px; Muon for the full conv filters and the BatchNorm biases
@@ -59,12 +59,13 @@ RECIPES: dict[str, dict] = {
     # epochs. 93.24% (weights/resnet_best200.pt) in ~109 min of the slower 2-core bf16 EPYC
     # (family 25); the plain SGD recipe at batch 128 before it: 93.13% in 75 min on a faster host
     # (92.3 vs 93.0% at epoch 180). The strided net gains slowly (120 epochs: 91.46% in 44 min;
-    # 303: 92.28% in 58 min). The GPU values (batch 512, lr 0.4, plain SGD, as before Muon) are
-    # not measured on resnet yet.
+    # 303: 92.28% in 58 min). On a GPU the same rule once more: batch 512, both rates x sqrt 2,
+    # EMA 0.996; on the CPU at 42 epochs it keeps the accuracy per epoch of batch 256 (91.52 vs
+    # 91.45%, benchmarks/results/resnet_b512_42/); its 200 epochs are not measured.
     "best": dict(arch="resnet", epochs=200, label_smoothing=0.1, aug_p=0.5, low_res_frac=0.4,
                  batch_size=256, lr=0.28, muon_lr=0.07, bn_bias_lr=8.0, ema=True,
                  ema_decay=0.998, eval_every=10,
-                 cuda=dict(batch_size=512, lr=0.4, ema_decay=0.999, **PLAIN_SGD)),
+                 cuda=dict(batch_size=512, lr=0.4, muon_lr=0.1, ema_decay=0.996)),
     # the dilated arch (no stride, no pooling; its unpadded convs need >= 27 px, so no low-res
     # epochs), aiming at >= 85% within 30 min on a 2-core CPU.
     "dilated": dict(arch="dilated", epochs=20, low_res=32, low_res_frac=0.0, **PLAIN_SGD,
