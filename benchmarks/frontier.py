@@ -11,7 +11,9 @@ test) <= budget. Calibrating per run, not once per arch, follows the host: its s
 budget is then one fresh process timed from start to exit, as a user meets it; a run that
 overshoots its budget is recorded with `within_budget: false`, not hidden. Results, each run with
 the calibration that sized it, are written after every run, and a run already measured with the
-same flags (its epochs aside) is skipped (--force reruns), so the benchmark can be run in pieces.
+same flags and config (its epochs aside) is skipped (--force reruns), so the benchmark can be run
+in pieces; a run measured before its recipe or a default moved (or before runs recorded their
+config) is run again.
 --train-flags adds `c40 train` flags to every run of the call (its calibrations included); its
 runs are a line of their own, named by the arch and those flags, beside the plain arch's.
 Usage:
@@ -80,6 +82,16 @@ def check_flags(arch: str, args) -> None:
     config_from_args(parsed)  # a ConfigError names the bad value
 
 
+def planned_config(arch: str, args) -> dict:
+    """The config a run of this call trains with, its epochs and out folder aside: a recipe or a
+    default that moved since a run was measured makes that run stale, though its command is the same."""
+    from c40.cli import build_parser
+    from c40.config import config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(["train", *_flags(arch, args, epochs=1)]))
+    return {k: v for k, v in cfg.to_dict().items() if k not in ("epochs", "out")}
+
+
 def label(arch: str, args) -> str:
     """The line's name in the JSON and the plot: the arch, then any --train-flags."""
     return " ".join([arch, *args.train_flags])
@@ -127,7 +139,8 @@ def run_budget(arch: str, minutes: float, args) -> dict:
     curve = [{"epoch": m["epoch"], "elapsed": round(m["elapsed"], 2), "test_acc": m["test_acc"]}
              for m in r.pop("history") if "test_acc" in m]
     return {**r, "arch": arch, "train_flags": args.train_flags, "budget_minutes": minutes, "curve": curve,
-            "within_budget": r["wall_seconds"] <= 60 * minutes, "calibration": cal}
+            "within_budget": r["wall_seconds"] <= 60 * minutes, "calibration": cal,
+            "config": planned_config(arch, args)}
 
 
 def _sans_epochs(command: list[str]) -> list[str]:
@@ -190,7 +203,8 @@ def main(argv=None) -> int:
                 wanted = portable([sys.executable, "-m", "c40", "train", *_flags(arch, args),
                                    "--out", str(_out(arch, minutes, args)), "--no-progress"])
                 done = entry["budgets"].get(key)
-                if not args.force and done and _sans_epochs(done["command"]) == wanted:
+                if (not args.force and done and _sans_epochs(done["command"]) == wanted
+                        and done.get("config") == planned_config(arch, args)):
                     print(f"[frontier] {arch} {key} min: already measured, skipped", file=sys.stderr)
                     continue
                 entry["budgets"][key] = run_budget(arch, minutes, args)

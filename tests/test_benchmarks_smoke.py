@@ -197,6 +197,30 @@ def test_frontier_train_flags_make_a_line_of_their_own(tiny_cifar, tmp_path, cap
     assert set(json.loads((tmp_path / "res" / "frontier.json").read_text())["archs"]) == set(res["archs"])
 
 
+def test_frontier_reruns_a_point_whose_recipe_moved(tiny_cifar, tmp_path, monkeypatch, capsys):
+    """The same command is not the same run once its recipe changed (best took Muon at batch 256
+    on 2026-12-06): a point measured with the old recipe is run again, not skipped as measured."""
+    from conftest import load_script
+
+    from c40.config import RECIPES
+
+    frontier = load_script("benchmarks/frontier.py")
+    base = ["--data", str(tiny_cifar), "--recipe", "fast", "--budgets", "0.1", "--epochs-cap", "1",
+            "--subset", "200", "--test-subset", "100", "--out-dir", str(tmp_path / "res"),
+            "--runs-dir", str(tmp_path / "runs")]
+    assert frontier.main(base) == 0
+    first = json.loads((tmp_path / "res" / "frontier.json").read_text())["archs"]["strided"]["budgets"]["0.1"]
+    assert first["config"]["label_smoothing"] == 0.2 and first["config"]["recipe"] == "fast"
+    assert frontier.main(base) == 0
+    assert "already measured" in capsys.readouterr().err  # same recipe: skipped
+    monkeypatch.setitem(RECIPES, "fast", {**RECIPES["fast"], "label_smoothing": 0.05})
+    assert frontier.main(base) == 0
+    err = capsys.readouterr().err
+    assert "already measured" not in err and "[frontier strided 0.1 min]" in err  # trained again
+    again = json.loads((tmp_path / "res" / "frontier.json").read_text())["archs"]["strided"]["budgets"]["0.1"]
+    assert again["config"]["label_smoothing"] == 0.05
+
+
 def test_frontier_budget_pays_for_the_test_evaluations():
     """A best-recipe run tests every 10 epochs (~5 s each with flip TTA on resnet) and at the
     end (~15 s with flip-shift): the epochs that fit a budget leave time for them, or the run
