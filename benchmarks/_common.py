@@ -154,6 +154,17 @@ def portable(cmd: list[str]) -> list[str]:
     return ["python", *cmd[1:]]
 
 
+def train_config(flags: list[str]) -> dict:
+    """The config `c40 train FLAGS` trains with, its out folder aside. A recorded run is the same
+    run only with the same config: the same command trains something else once a recipe or a
+    default moved (best took Muon at batch 256 on 2026-12-06)."""
+    from c40.cli import build_parser
+    from c40.config import config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(["train", *flags]))
+    return {k: v for k, v in cfg.to_dict().items() if k != "out"}
+
+
 def train_process(flags: list[str], out: Path, tag: str) -> dict:
     """One fresh `python -m c40 train FLAGS --out OUT --no-progress` process, timed from start to
     exit (imports, data loading and every evaluation included) -> its final accuracy, wall and

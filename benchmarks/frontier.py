@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (arch_names, machine_info, portable, previous_result,  # noqa: E402
-                     train_process, write_result)
+                     train_config, train_process, write_result)
 
 from c40.config import RECIPES, TrainConfig, positive_int  # noqa: E402
 from c40.errors import C40Error  # noqa: E402
@@ -83,13 +83,8 @@ def check_flags(arch: str, args) -> None:
 
 
 def planned_config(arch: str, args) -> dict:
-    """The config a run of this call trains with, its epochs and out folder aside: a recipe or a
-    default that moved since a run was measured makes that run stale, though its command is the same."""
-    from c40.cli import build_parser
-    from c40.config import config_from_args
-
-    cfg = config_from_args(build_parser().parse_args(["train", *_flags(arch, args, epochs=1)]))
-    return {k: v for k, v in cfg.to_dict().items() if k not in ("epochs", "out")}
+    """The config a run of this call trains with, its epochs aside (they are sized per run)."""
+    return {k: v for k, v in train_config(_flags(arch, args, epochs=1)).items() if k != "epochs"}
 
 
 def label(arch: str, args) -> str:

@@ -5,8 +5,9 @@ Runs the fast recipe once per seed and the assignment's reference recipe (`--eva
 takes the reference from a committed JSON of the same machine (`--reference-from`), or skips it.
 Per run: final accuracy (parsed from the printed line), seconds to 85% (the `elapsed` field of
 the first epoch whose test_acc >= 0.85 in metrics.jsonl; null if never), wall seconds, epochs.
-Results are written after every run and a run whose result exists (same command) is skipped, so a
-long benchmark can be run in pieces; --force reruns. Usage:
+Results are written after every run and a run whose result exists (same command, same config: a
+recipe that moved makes it stale) is skipped, so a long benchmark can be run in pieces; --force
+reruns. Usage:
   python benchmarks/time_to_accuracy.py --data DIR --seeds 0,1,2
   python benchmarks/time_to_accuracy.py --data DIR --seeds 0,1,2 --force --skip-reference
     (reruns the fast seeds and keeps the reference run already recorded in the output JSON)
@@ -21,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (machine_info, machine_line, previous_result, same_machine,  # noqa: E402
-                     train_process, write_result)
+                     train_config, train_process, write_result)
 
 from c40.config import TrainConfig  # noqa: E402
 
@@ -67,7 +68,8 @@ def run_one(recipe: str, seed: int, args) -> dict:
             "seconds_to_85": hit["elapsed"] if hit else None,
             "epochs_to_85": hit["epoch"] if hit else None,
             "wall_seconds": r["wall_seconds"], "startup_seconds": r["startup_seconds"],
-            "epochs": r["epochs"], "curve": curve, "command": r["command"], "date": r["date"]}
+            "epochs": r["epochs"], "curve": curve, "command": r["command"], "date": r["date"],
+            "config": train_config(_command(recipe, seed, args))}
 
 
 def _summary(runs: list[dict]) -> dict | None:
@@ -141,7 +143,9 @@ def main(argv=None) -> int:
         for recipe, seed in plan:
             key = f"{recipe}-seed{seed}"
             wanted = _wanted(recipe, seed, args)
-            if not args.force and runs.get(key, {}).get("command") == wanted:
+            done = runs.get(key, {})
+            if (not args.force and done.get("command") == wanted
+                    and done.get("config") == train_config(_command(recipe, seed, args))):
                 print(f"[time_to_accuracy] {key}: already measured, skipped (--force reruns)",
                       file=sys.stderr)
                 continue

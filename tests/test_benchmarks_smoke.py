@@ -221,6 +221,25 @@ def test_frontier_reruns_a_point_whose_recipe_moved(tiny_cifar, tmp_path, monkey
     assert again["config"]["label_smoothing"] == 0.05
 
 
+def test_time_to_accuracy_reruns_a_seed_whose_recipe_moved(tiny_cifar, tmp_path, monkeypatch, capsys):
+    """As the frontier: the same command after the fast recipe changed is a new measurement."""
+    from conftest import load_script
+
+    from c40.config import RECIPES
+
+    tta = load_script("benchmarks/time_to_accuracy.py")
+    args = ["--data", str(tiny_cifar), "--subset", "200", "--test-subset", "100", "--seeds", "0",
+            "--skip-reference", "--epochs", "1", "--out-dir", str(tmp_path / "res"),
+            "--runs-dir", str(tmp_path / "runs")]
+    assert tta.main(args) == 0 and tta.main(args) == 0
+    assert "already measured" in capsys.readouterr().err
+    monkeypatch.setitem(RECIPES, "fast", {**RECIPES["fast"], "label_smoothing": 0.05})
+    assert tta.main(args) == 0
+    assert "already measured" not in capsys.readouterr().err
+    run = json.loads((tmp_path / "res" / "time_to_accuracy.json").read_text())["runs"]["fast-seed0"]
+    assert run["config"]["label_smoothing"] == 0.05 and run["config"]["epochs"] == 1
+
+
 def test_frontier_budget_pays_for_the_test_evaluations():
     """A best-recipe run tests every 10 epochs (~5 s each with flip TTA on resnet) and at the
     end (~15 s with flip-shift): the epochs that fit a budget leave time for them, or the run
