@@ -70,21 +70,14 @@ def train_flags(text: str) -> list[str]:
     return flags
 
 
-def check_flags(arch: str, args) -> None:
-    """Refuse, before any run, flags that `c40 train` would refuse."""
-    from c40.cli import build_parser
-    from c40.config import config_from_args
-
+def check_flags(arch: str, args) -> dict:
+    """The config a run of this call trains with, its epochs aside (they are sized per run);
+    flags that `c40 train` would refuse stop it here, before any run."""
     try:
-        parsed = build_parser().parse_args(["train", *_flags(arch, args, epochs=1)])
+        cfg = train_config(_flags(arch, args, epochs=1))  # a ConfigError names the bad value
     except SystemExit:  # argparse has printed why
         raise C40Error(f"--train-flags {' '.join(args.train_flags)!r}: not c40 train flags") from None
-    config_from_args(parsed)  # a ConfigError names the bad value
-
-
-def planned_config(arch: str, args) -> dict:
-    """The config a run of this call trains with, its epochs aside (they are sized per run)."""
-    return {k: v for k, v in train_config(_flags(arch, args, epochs=1)).items() if k != "epochs"}
+    return {k: v for k, v in cfg.items() if k != "epochs"}
 
 
 def label(arch: str, args) -> str:
@@ -125,8 +118,8 @@ def epochs_for(budget_s: float, cal: dict, cap: int | None = None) -> int:
     return min(n, cap) if cap else n
 
 
-def run_budget(arch: str, minutes: float, args) -> dict:
-    """Calibrate, size the run to the budget, run it."""
+def run_budget(arch: str, minutes: float, args, config: dict) -> dict:
+    """Calibrate, size the run to the budget, run it; config: what check_flags planned."""
     cal = calibrate(arch, minutes, args)
     epochs = epochs_for(60 * minutes, cal, args.epochs_cap)
     r = train_process(_flags(arch, args, epochs=epochs), _out(arch, minutes, args),
@@ -135,7 +128,7 @@ def run_budget(arch: str, minutes: float, args) -> dict:
              for m in r.pop("history") if "test_acc" in m]
     return {**r, "arch": arch, "train_flags": args.train_flags, "budget_minutes": minutes, "curve": curve,
             "within_budget": r["wall_seconds"] <= 60 * minutes, "calibration": cal,
-            "config": planned_config(arch, args)}
+            "config": config}
 
 
 def _sans_epochs(command: list[str]) -> list[str]:
@@ -189,8 +182,7 @@ def main(argv=None) -> int:
         old = previous_result(json_path, machine, "archs")
         result = {"recipe": args.recipe, "seed": args.seed, "archs": old.get("archs", {}),
                   "machine": machine}
-        for arch in args.archs:
-            check_flags(arch, args)
+        configs = {arch: check_flags(arch, args) for arch in args.archs}
         for arch in args.archs:
             entry = result["archs"].setdefault(label(arch, args), {"budgets": {}})
             for minutes in args.budgets:
@@ -199,10 +191,10 @@ def main(argv=None) -> int:
                                    "--out", str(_out(arch, minutes, args)), "--no-progress"])
                 done = entry["budgets"].get(key)
                 if (not args.force and done and _sans_epochs(done["command"]) == wanted
-                        and done.get("config") == planned_config(arch, args)):
+                        and done.get("config") == configs[arch]):
                     print(f"[frontier] {arch} {key} min: already measured, skipped", file=sys.stderr)
                     continue
-                entry["budgets"][key] = run_budget(arch, minutes, args)
+                entry["budgets"][key] = run_budget(arch, minutes, args, configs[arch])
                 write_result(json_path, result)  # after every run: it can stop and go on
     except (RuntimeError, C40Error) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -57,7 +57,7 @@ def _wanted(recipe: str, seed: int, args) -> list[str]:
             str(_run_dir(recipe, seed, args)), "--no-progress"]
 
 
-def run_one(recipe: str, seed: int, args) -> dict:
+def run_one(recipe: str, seed: int, args, config: dict) -> dict:
     """One fresh `c40 train` process; its outputs go to RUNS_DIR/<recipe>-seed<S>/."""
     r = train_process(_command(recipe, seed, args), _run_dir(recipe, seed, args),
                       f"time_to_accuracy {recipe} seed {seed}")
@@ -69,7 +69,7 @@ def run_one(recipe: str, seed: int, args) -> dict:
             "epochs_to_85": hit["epoch"] if hit else None,
             "wall_seconds": r["wall_seconds"], "startup_seconds": r["startup_seconds"],
             "epochs": r["epochs"], "curve": curve, "command": r["command"], "date": r["date"],
-            "config": train_config(_command(recipe, seed, args))}
+            "config": config}
 
 
 def _summary(runs: list[dict]) -> dict | None:
@@ -143,13 +143,12 @@ def main(argv=None) -> int:
         for recipe, seed in plan:
             key = f"{recipe}-seed{seed}"
             wanted = _wanted(recipe, seed, args)
-            done = runs.get(key, {})
-            if (not args.force and done.get("command") == wanted
-                    and done.get("config") == train_config(_command(recipe, seed, args))):
+            done, config = runs.get(key, {}), train_config(_command(recipe, seed, args))
+            if not args.force and done.get("command") == wanted and done.get("config") == config:
                 print(f"[time_to_accuracy] {key}: already measured, skipped (--force reruns)",
                       file=sys.stderr)
                 continue
-            runs[key] = run_one(recipe, seed, args)
+            runs[key] = run_one(recipe, seed, args, config)
             result = _result(runs, args, machine)
             write_result(json_path, result)  # after every run: the benchmark can stop and go on
     except RuntimeError as e:
