@@ -15,7 +15,9 @@ same flags and config (its epochs aside) is skipped (--force reruns), so the ben
 in pieces; a run measured before its recipe or a default moved (or before runs recorded their
 config) is run again.
 --train-flags adds `c40 train` flags to every run of the call (its calibrations included); its
-runs are a line of their own, named by the arch and those flags, beside the plain arch's.
+runs are a line of their own, named by the arch and those flags, beside the plain arch's. An
+epoch is priced at the run's own low-res share and test interval, so flags such as
+"--low-res 20 --low-res-frac 0.5" size the runs they make.
 Usage:
   python benchmarks/frontier.py --data DIR --archs strided,resnet --budgets 5,15,30,60
   python benchmarks/frontier.py --data DIR --archs resnet --budgets 60 --train-flags "--muon-lr 0.05"
@@ -55,7 +57,9 @@ def _flags(arch: str, args, **extra) -> list[str]:
 
 # the flags that make a frontier run what it is: --train-flags may not set them
 OWNED = {"--recipe", "--arch", "--seed", "--tta", "--epochs", "--data", "--out", "--subset",
-         "--test-subset", "--low-res-frac", "--eval-every", "--resume", "--config", "--no-progress"}
+         "--test-subset", "--resume", "--config", "--no-progress"}
+# what a calibration run sets after the run's own flags: one low-res epoch, one 32-px, each tested
+CALIBRATION = ["--epochs", "2", "--low-res-frac", "0.5", "--eval-every", "1"]
 
 
 def train_flags(text: str) -> list[str]:
@@ -85,21 +89,23 @@ def label(arch: str, args) -> str:
     return " ".join([arch, *args.train_flags])
 
 
-def calibrate(arch: str, minutes: float, args) -> dict:
+def calibrate(arch: str, minutes: float, args, config: dict) -> dict:
     """Training seconds of one epoch at low resolution and at 32 px, seconds of one progress
-    test and of the final test (c40.config.progress_tta), and the process's startup."""
-    cfg = TrainConfig.from_recipe(args.recipe, arch=arch, device="cpu")
-    r = train_process(_flags(arch, args, epochs=2, low_res_frac=0.5, eval_every=1),
+    test and of the final test (c40.config.progress_tta), and the process's startup; the
+    epoch is priced at the run's own low-res share and test interval (config: the run's, from
+    check_flags, so --train-flags "--low-res-frac 0.5" size the run they make)."""
+    r = train_process(_flags(arch, args) + CALIBRATION,
                       Path(args.runs_dir) / f"calibrate-{_slug(arch, args)}-{minutes:g}min",
                       f"frontier calibrate {arch} for {minutes:g} min")
     low, full = r["history"]
-    per_epoch = cfg.low_res_frac * low["train_seconds"] + (1 - cfg.low_res_frac) * full["train_seconds"]
+    frac = config["low_res_frac"]
+    per_epoch = frac * low["train_seconds"] + (1 - frac) * full["train_seconds"]
     return {"low_res_seconds": round(low["train_seconds"], 2),
             "full_res_seconds": round(full["train_seconds"], 2),
             "progress_eval_seconds": round(low["seconds"] - low["train_seconds"], 2),
             "eval_seconds": round(full["seconds"] - full["train_seconds"], 2),
             "startup_seconds": r["startup_seconds"], "seconds_per_epoch": round(per_epoch, 2),
-            "low_res_frac": cfg.low_res_frac, "eval_every": cfg.eval_every, "command": r["command"]}
+            "low_res_frac": frac, "eval_every": config["eval_every"], "command": r["command"]}
 
 
 def run_seconds(n: int, cal: dict) -> float:
@@ -120,7 +126,7 @@ def epochs_for(budget_s: float, cal: dict, cap: int | None = None) -> int:
 
 def run_budget(arch: str, minutes: float, args, config: dict) -> dict:
     """Calibrate, size the run to the budget, run it; config: what check_flags planned."""
-    cal = calibrate(arch, minutes, args)
+    cal = calibrate(arch, minutes, args, config)
     epochs = epochs_for(60 * minutes, cal, args.epochs_cap)
     r = train_process(_flags(arch, args, epochs=epochs), _out(arch, minutes, args),
                       f"frontier {arch} {minutes:g} min")

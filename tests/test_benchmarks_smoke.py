@@ -183,7 +183,7 @@ def test_frontier_train_flags_make_a_line_of_their_own(tiny_cifar, tmp_path, cap
         res["archs"]["strided --bn-bias-lr 2 --muon-lr 0"]["budgets"]["0.1"]
     assert "--bn-bias-lr" not in plain["command"] and plain["train_flags"] == []
     assert flagged["command"][-7:-3] == ["--bn-bias-lr", "2", "--muon-lr", "0"]
-    assert flagged["calibration"]["command"][-7:-3] == ["--bn-bias-lr", "2", "--muon-lr", "0"]
+    assert flagged["calibration"]["command"][-13:-9] == ["--bn-bias-lr", "2", "--muon-lr", "0"]
     from c40.checkpoint import load_checkpoint
     ckpt = load_checkpoint(tmp_path / "runs" / "strided_bn_bias_lr_2_muon_lr_0-0.1min" / "checkpoint.pt")
     assert ckpt["config"]["bn_bias_lr"] == 2.0 and ckpt["config"]["muon_lr"] == 0.0
@@ -195,6 +195,32 @@ def test_frontier_train_flags_make_a_line_of_their_own(tiny_cifar, tmp_path, cap
     assert frontier.main([*base, "--train-flags=--no-such-flag"]) == 2
     assert "not c40 train flags" in capsys.readouterr().err
     assert set(json.loads((tmp_path / "res" / "frontier.json").read_text())["archs"]) == set(res["archs"])
+
+
+def test_frontier_prices_an_epoch_at_the_runs_own_low_res_share(tiny_cifar, tmp_path):
+    """--train-flags may move the low-res share and the test interval (an hour's recipe trains
+    half its epochs at 20 px); the calibration still times one epoch of each size, and prices the
+    run's epochs at its own share, not the recipe's."""
+    from conftest import load_script
+
+    frontier = load_script("benchmarks/frontier.py")
+    flags = "--low-res 20 --low-res-frac 0.3 --eval-every 2"
+    assert frontier.main(["--data", str(tiny_cifar), "--recipe", "fast", "--budgets", "0.1",
+                          "--epochs-cap", "1", "--subset", "200", "--test-subset", "100",
+                          "--out-dir", str(tmp_path / "res"), "--runs-dir", str(tmp_path / "runs"),
+                          "--train-flags", flags]) == 0
+    run = json.loads((tmp_path / "res" / "frontier.json").read_text())["archs"][f"strided {flags}"]["budgets"]["0.1"]
+    cal = run["calibration"]
+    assert cal["low_res_frac"] == 0.3 and cal["eval_every"] == 2
+    assert run["config"]["low_res_frac"] == 0.3 and run["config"]["low_res"] == 20
+    assert cal["seconds_per_epoch"] == pytest.approx(
+        0.3 * cal["low_res_seconds"] + 0.7 * cal["full_res_seconds"], abs=0.01)
+    hist = [json.loads(line) for line in (tmp_path / "runs" / "calibrate-strided_low_res_20_low_res_frac_0.3_eval_every_2-0.1min"
+                                          / "metrics.jsonl").read_text().splitlines()]
+    assert len(hist) == 2 and all("test_acc" in m for m in hist)  # one epoch of each size, each tested
+    from c40.checkpoint import load_checkpoint
+    ckpt = load_checkpoint(tmp_path / "runs" / "calibrate-strided_low_res_20_low_res_frac_0.3_eval_every_2-0.1min" / "checkpoint.pt")
+    assert ckpt["config"]["low_res_frac"] == 0.5 and ckpt["config"]["low_res"] == 20
 
 
 def test_frontier_reruns_a_point_whose_recipe_moved(tiny_cifar, tmp_path, monkeypatch, capsys):
