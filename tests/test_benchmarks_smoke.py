@@ -215,11 +215,11 @@ def test_frontier_prices_an_epoch_at_the_runs_own_low_res_share(tiny_cifar, tmp_
     assert run["config"]["low_res_frac"] == 0.3 and run["config"]["low_res"] == 20
     assert cal["seconds_per_epoch"] == pytest.approx(
         0.3 * cal["low_res_seconds"] + 0.7 * cal["full_res_seconds"], abs=0.01)
-    hist = [json.loads(line) for line in (tmp_path / "runs" / "calibrate-strided_low_res_20_low_res_frac_0.3_eval_every_2-0.1min"
-                                          / "metrics.jsonl").read_text().splitlines()]
+    cal_dir = tmp_path / "runs" / "calibrate-strided_low_res_20_low_res_frac_0.3_eval_every_2-0.1min"
+    hist = [json.loads(line) for line in (cal_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(hist) == 2 and all("test_acc" in m for m in hist)  # one epoch of each size, each tested
     from c40.checkpoint import load_checkpoint
-    ckpt = load_checkpoint(tmp_path / "runs" / "calibrate-strided_low_res_20_low_res_frac_0.3_eval_every_2-0.1min" / "checkpoint.pt")
+    ckpt = load_checkpoint(cal_dir / "checkpoint.pt")
     assert ckpt["config"]["low_res_frac"] == 0.5 and ckpt["config"]["low_res"] == 20
 
 
