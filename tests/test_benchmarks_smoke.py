@@ -392,3 +392,41 @@ def test_gpu_check_refuses_to_run_without_a_gpu(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--out",
                         str(tmp_path / "x.json")], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert p.returncode == 2 and "--dry-run" in p.stderr and not (tmp_path / "x.json").exists()
+
+
+# ------------------------------------------------------------------------ tta_views.py
+def _tta_views_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("tta_views", ROOT / "benchmarks" / "tta_views.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tta_views_benchmark_matches_c40_eval_on_its_modes(data_dir, tmp_path):
+    """The view sets that are c40 TTA modes give what `c40 eval --tta MODE` gives; the wider
+    sets are measured beside them (the committed result says whether they pay)."""
+    from c40.data import load_dataset
+    from c40.inference import evaluate_model, load_for_inference
+
+    tta_views = _tta_views_module()
+    ckpt = str(ROOT / "weights" / "strided_fast.pt")
+    out = tmp_path / "tta.json"
+    assert tta_views.main(["--data", data_dir, "--checkpoints", ckpt, "--test-subset", "300",
+                           "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    acc = res["checkpoints"][ckpt]["accuracy"]
+    assert res["test_images"] == 300
+    assert list(acc) == ["off", "flip", "flip-shift", "flip-diag", "flip-3x3", "flip-3x3-diag2"]
+    model, state, dev = load_for_inference(ckpt)
+    ds = load_dataset(data_dir, "test").subset(300)
+    for mode in ("off", "flip", "flip-shift"):
+        assert acc[mode] == evaluate_model(model, state, ds, dev, tta=mode).accuracy
+    assert all(0.7 < a <= 1 for a in acc.values()), acc
+
+
+def test_tta_views_benchmark_refuses_a_missing_checkpoint_in_one_line(data_dir, tmp_path, capsys):
+    tta_views = _tta_views_module()
+    assert tta_views.main(["--data", data_dir, "--checkpoints", str(tmp_path / "no.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint not found" in err and len(err.splitlines()) == 1

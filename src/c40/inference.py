@@ -50,7 +50,9 @@ def run_amp(state: dict, device: torch.device) -> torch.dtype | None:
     return resolve_amp(state.get("amp") or state["config"].get("amp", "auto"), device)
 
 
-def _load(path, device: str) -> tuple[nn.Module, dict, torch.device]:
+def load_for_inference(path, device: str = "auto") -> tuple[nn.Module, dict, torch.device]:
+    """(model, checkpoint state, device): the checkpoint's model on the device, in eval numerics
+    as `fit` ran them (channels_last; depthwise convs in fp32 under CPU bf16)."""
     dev = resolve_device(device)
     model, state = load_model(path, map_location="cpu")
     keep_depthwise_fp32(model, run_amp(state, dev), dev)  # the numerics fit() evaluated with
@@ -67,7 +69,7 @@ def evaluate_checkpoint(path, *, data=None, tta: str | bool | None = None, devic
                         split: str = "test") -> tuple[Evaluation, dict]:
     """The checkpoint's model on a split of the data, normalised with its training statistics.
     Evaluated with the TTA mode `run_tta(state, tta)`."""
-    model, state, dev = _load(path, device)
+    model, state, dev = load_for_inference(path, device)
     ds = load_dataset(resolve_data_root(data), split)
     return evaluate_model(model, state, ds, dev, tta=run_tta(state, tta)), state
 
@@ -84,7 +86,7 @@ def evaluate_corruptions(path, *, data=None, tta: str | bool | None = None, devi
 
     from c40.corruptions import CORRUPTIONS, corrupt
 
-    model, state, dev = _load(path, device)
+    model, state, dev = load_for_inference(path, device)
     tta = run_tta(state, tta)
     ds = load_dataset(resolve_data_root(data), "test")
     clean = evaluate_model(model, state, ds, dev, tta=tta).accuracy
@@ -119,7 +121,7 @@ def report_checkpoint(path, out, *, data=None, tta: str | bool | None = None, de
     from c40.report import read_metrics, write_report
 
     history = read_metrics(metrics) if metrics is not None else None
-    model, state, dev = _load(path, device)
+    model, state, dev = load_for_inference(path, device)
     tta = run_tta(state, tta)
     root = resolve_data_root(data)
     test = load_dataset(root, "test")
@@ -162,7 +164,7 @@ def predict_images(model: nn.Module, state: dict, images: Sequence) -> list[Pred
 
 
 def predict_checkpoint(path, images: Sequence, *, device: str = "auto") -> list[Prediction]:
-    model, state, _ = _load(path, device)
+    model, state, _ = load_for_inference(path, device)
     return predict_images(model, state, images)
 
 
