@@ -41,10 +41,9 @@ SETS = {"off": [(0, 0)], "flip-shift": [(0, 0), (-1, -1), (1, 1)], "flip-diag": 
 
 def view_probs(model, x: torch.Tensor, amp) -> torch.Tensor:
     """(B, 2 x len(SHIFTS), classes) softmax of every view of the batch x."""
-    views = []
+    views, (h, w) = [], x.shape[2:]
     for v in (x, x.flip(3)):
         p = F.pad(v, (2, 2, 2, 2), mode="reflect")
-        h, w = x.shape[2:]
         views += [p[:, :, 2 + dy:2 + dy + h, 2 + dx:2 + dx + w]
                   .contiguous(memory_format=torch.channels_last) for dy, dx in SHIFTS]
     with autocast(x.device, amp):
@@ -66,8 +65,7 @@ def run(args) -> dict:
            "views": {"shifts": SHIFTS, "sets": SETS}}
     for path in args.checkpoints:
         t = time.perf_counter()
-        model, state, dev = load_for_inference(path, args.device)
-        model.eval()
+        model, state, dev = load_for_inference(path, args.device)  # in eval mode
         amp = run_amp(state, dev)
         spec = LoaderSpec(1024, state["mean"], state["std"])
         with torch.no_grad(), TensorLoader(ds.images, ds.labels, spec, dev) as loader:

@@ -376,10 +376,8 @@ def test_gpu_check_dry_run_runs_every_step_on_cpu(data_dir, tmp_path):
 def test_gpu_check_reads_a_scripts_json_line_when_ray_logs_after_it():
     """Ray forwards worker logs to the driver's stdout asynchronously: a line can land after the
     script's JSON summary (it failed the tune_search step of a CI run)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    from conftest import load_script
+    gpu_check = load_script("benchmarks/gpu_check.py")
     late = "import json; print('banner'); print(json.dumps({'a': 1})); print('(train_trial pid=7) bye')"
     check = types.SimpleNamespace(dry=True)
     assert gpu_check._script(check, ["-c", late]) == {"a": 1}
@@ -395,21 +393,14 @@ def test_gpu_check_refuses_to_run_without_a_gpu(tmp_path):
 
 
 # ------------------------------------------------------------------------ tta_views.py
-def _tta_views_module():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("tta_views", ROOT / "benchmarks" / "tta_views.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_tta_views_benchmark_matches_c40_eval_on_its_modes(data_dir, tmp_path):
     """The view sets that are c40 TTA modes give what `c40 eval --tta MODE` gives; the wider
     sets are measured beside them (the committed result says whether they pay)."""
     from c40.data import load_dataset
     from c40.inference import evaluate_model, load_for_inference
 
-    tta_views = _tta_views_module()
+    from conftest import load_script
+    tta_views = load_script("benchmarks/tta_views.py")
     ckpt = str(ROOT / "weights" / "strided_fast.pt")
     out = tmp_path / "tta.json"
     assert tta_views.main(["--data", data_dir, "--checkpoints", ckpt, "--test-subset", "300",
@@ -426,7 +417,8 @@ def test_tta_views_benchmark_matches_c40_eval_on_its_modes(data_dir, tmp_path):
 
 
 def test_tta_views_benchmark_refuses_a_missing_checkpoint_in_one_line(data_dir, tmp_path, capsys):
-    tta_views = _tta_views_module()
+    from conftest import load_script
+    tta_views = load_script("benchmarks/tta_views.py")
     assert tta_views.main(["--data", data_dir, "--checkpoints", str(tmp_path / "no.pt")]) == 2
     err = capsys.readouterr().err
     assert "checkpoint not found" in err and len(err.splitlines()) == 1
