@@ -7,7 +7,7 @@ from c40.receptive import summarize
 
 ARCHS = list_models()
 # the two ways to reach a 4x4..6x6 map: three 3x3 stride-2 convs, or no stride and no pooling
-STRIDED, NO_STRIDE = {"strided", "resnet", "resnet_wide"}, {"dilated", "atrous"}
+STRIDED, NO_STRIDE = {"strided", "resnet", "strided_whiten", "resnet_whiten"}, {"dilated", "atrous"}
 
 
 def test_every_registered_arch_is_of_a_known_kind():

@@ -9,6 +9,7 @@ import copy
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 PARAM_LIMIT = 200_000  # the assignment's limit: trainable parameters must stay below it
@@ -33,8 +34,8 @@ def create_model(arch: str, *, dropout: float = 0.0, width: float = 1.0,
 
 
 def count_params(model: nn.Module) -> int:
-    """Trainable parameters (the assignment's < 200,000 limit)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """Parameters, trained or fixed (a whitening layer's count): the assignment's < 200,000 limit."""
+    return sum(p.numel() for p in model.parameters())
 
 
 def check_param_limit(arch: str, width: float = 1.0, *, model: nn.Module | None = None) -> int:
@@ -109,6 +110,48 @@ class Residual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(x)
+
+
+class Whitening(nn.Module):
+    """A fixed 2x2 patch-whitening conv (airbench's first layer) -> BatchNorm -> ReLU: the top
+    cout/2 eigen-directions of the training images' 2x2x3 patch covariance, each as +v and -v
+    (so ReLU keeps both signs), scaled to unit variance. `fit` sets the filters from data; they
+    are never trained, and count toward the parameter limit. Unpadded: 32 -> 31 px."""
+
+    def __init__(self, cout: int, k: int = 2):
+        super().__init__()
+        if cout % 2 or cout // 2 > 3 * k * k:
+            raise ValueError(f"whitening to {cout} channels needs an even count <= {6 * k * k}")
+        self.conv = nn.Conv2d(3, cout, k, bias=False)
+        self.conv.weight.requires_grad_(False)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(self.conv(x)))
+
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor, eps: float = 5e-4, chunk: int = 500) -> None:
+        """Filters from normalised images x (N, 3, H, W): eigenvectors of the patch covariance."""
+        w = self.conv.weight
+        k = w.shape[-1]
+        cov = torch.zeros(3 * k * k, 3 * k * k, dtype=torch.float64)
+        n = 0
+        for i in range(0, len(x), chunk):
+            p = F.unfold(x[i:i + chunk].double().cpu(), k)        # (B, 3*k*k, L), w's layout
+            cov += torch.einsum("bil,bjl->ij", p, p)
+            n += p.shape[0] * p.shape[2]
+        evals, evecs = torch.linalg.eigh(cov / n)                 # ascending
+        top = evals.argsort(descending=True)[: w.shape[0] // 2]
+        v = (evecs[:, top] / (evals[top] + eps).sqrt()).T.reshape(-1, 3, k, k)
+        w.copy_(torch.cat([v, -v]).to(w))
+
+
+def fit_whitening(model: nn.Module, x: torch.Tensor) -> int:
+    """Fit every Whitening layer of `model` to normalised images x; returns how many there were."""
+    layers = [m for m in model.modules() if isinstance(m, Whitening)]
+    for m in layers:
+        m.fit(x)
+    return len(layers)
 
 
 class C40Net(nn.Module):
@@ -190,18 +233,19 @@ def resnet(*, dropout: float = 0.0, width: float = 1.0, num_classes: int = 10) -
 
 
 @register_model
-def resnet_wide(*, dropout: float = 0.0, width: float = 1.0, num_classes: int = 10) -> C40Net:
-    """resnet with the 8x8 stage at 72 channels instead of 64: the parameter budget's remainder
-    spent where a full conv's FLOPs are cheapest (~195k params, ~5% more FLOPs than resnet)."""
-    a, b, c, d = (_ch(n, width) for n in (16, 32, 72, 128))
-    p = dropout
-    pair = lambda ch, dil=1: Residual(ConvBN(ch, ch, dilation=dil), ConvBN(ch, ch))  # noqa: E731
-    c1 = nn.Sequential(ConvBN(3, a), pair(a), pair(a))                                 # 32x32
-    c2 = nn.Sequential(ConvBN(a, b, stride=2), pair(b), pair(b), nn.Dropout(p))        # 16x16
-    c3 = nn.Sequential(ConvBN(b, c, stride=2), pair(c, dil=2), nn.Dropout(p))          # 8x8
-    c4 = nn.Sequential(DepthwiseSeparable(c, d, stride=2),                             # 4x4
-                       Residual(DepthwiseSeparable(d, d)), nn.Dropout(p))
-    return C40Net(c1, c2, c3, c4, d, dropout, num_classes)
+def strided_whiten(*, dropout: float = 0.0, width: float = 1.0, num_classes: int = 10) -> C40Net:
+    """strided with its 3x3 stem conv replaced by a fixed 2x2 whitening layer of the same width."""
+    net = strided(dropout=dropout, width=width, num_classes=num_classes)
+    net.c1 = Whitening(_ch(16, width))
+    return net
+
+
+@register_model
+def resnet_whiten(*, dropout: float = 0.0, width: float = 1.0, num_classes: int = 10) -> C40Net:
+    """resnet with its 3x3 stem conv replaced by a fixed 2x2 whitening layer of the same width."""
+    net = resnet(dropout=dropout, width=width, num_classes=num_classes)
+    net.c1[0] = Whitening(_ch(16, width))
+    return net
 
 
 @register_model

@@ -36,7 +36,8 @@ def create_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False) ->
     muon = {id(p) for p in muon_params(model)} if cfg.muon_lr > 0 else set()
     bn_bias = ({id(m.bias) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
                if cfg.bn_bias_lr != 1 else set())
-    rest = [p for p in model.parameters() if id(p) not in muon and id(p) not in bn_bias]
+    rest = [p for p in model.parameters()
+            if p.requires_grad and id(p) not in muon and id(p) not in bn_bias]
     groups = [{"params": [p for p in rest if p.ndim > 1], "weight_decay": cfg.weight_decay},
               {"params": [p for p in rest if p.ndim <= 1], "weight_decay": 0.0}]
     if bn_bias:

@@ -32,7 +32,8 @@ from c40.errors import CheckpointError, TrainingDiverged
 from c40.evaluate import evaluate
 from c40.files import prepare_out_dir, write_text
 from c40.loaders import LoaderSpec, TensorLoader, create_loader
-from c40.model import check_input_size, check_param_limit, create_model
+from c40.augment import normalize_constants
+from c40.model import Whitening, check_input_size, check_param_limit, create_model, fit_whitening
 from c40.optim import create_optimizer, create_scheduler
 from c40.precision import autocast, configure_backends, keep_depthwise_fp32, resolve_amp, resolve_device
 
@@ -139,6 +140,10 @@ def _setup(cfg: TrainConfig, device: torch.device, rank: int, world_size: int) -
     model = create_model(cfg.arch, dropout=cfg.dropout, width=cfg.width,
                          num_classes=len(train.classes))
     params = check_model(cfg, model)
+    if any(isinstance(m, Whitening) for m in model.modules()):  # fixed filters, fit from data
+        scale, shift = normalize_constants(mean, std)
+        x = torch.from_numpy(train.images[:5000]).permute(0, 3, 1, 2).float()
+        fit_whitening(model, x * scale.view(3, 1, 1) - shift.view(3, 1, 1))
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=fmt)
     per_rank = max(1, cfg.batch_size // world_size)
