@@ -69,3 +69,31 @@ def test_width_scales_params_and_unknown_arch_fails():
 def test_model_is_pure():
     model = create_model("strided")
     assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_whitening_layer_whitens_real_patches_and_is_never_trained(cifar_dir):
+    """The fixed 2x2 first layer of the *_whiten archs: fit on real images, its +v half gives
+    unit-variance, uncorrelated channels (the -v half mirrors it); its filters count toward the
+    limit but no optimizer group holds them."""
+    from c40.augment import normalize
+    from c40.config import TrainConfig
+    from c40.data import channel_stats, load_dataset
+    from c40.model import Whitening, fit_whitening
+    from c40.optim import create_optimizer
+
+    images = load_dataset(cifar_dir, "train").subset(400).images
+    mean, std = channel_stats(images)
+    x = normalize(torch.from_numpy(images).permute(0, 3, 1, 2), torch.tensor(mean), torch.tensor(std))
+    model = create_model("strided_whiten")
+    layer = model.c1
+    assert isinstance(layer, Whitening) and fit_whitening(model, x) == 1
+    w = layer.conv.weight
+    y = nn.functional.conv2d(x, w[:8]).permute(1, 0, 2, 3).reshape(8, -1)
+    cov = y @ y.T / y.shape[1]
+    assert torch.allclose(cov, torch.eye(8), atol=0.05)
+    assert torch.equal(w[8:], -w[:8])
+    assert count_params(model) == sum(p.numel() for p in model.parameters() if p.requires_grad) + w.numel()
+    opt = create_optimizer(model, TrainConfig())
+    assert not any(p is w for g in opt.param_groups for p in g["params"])
+    with pytest.raises(ValueError, match="even count"):
+        Whitening(30)

@@ -82,7 +82,8 @@ def _stop_after(epoch):
     return report
 
 
-@pytest.mark.parametrize("extra", [{}, {"ema": True, "dropout": 0.2}, {"muon_lr": 0.05, "bn_bias_lr": 8}])
+@pytest.mark.parametrize("extra", [{}, {"ema": True, "dropout": 0.2}, {"muon_lr": 0.05, "bn_bias_lr": 8},
+                                   {"arch": "strided_whiten"}])
 def test_resume_is_bit_identical_on_cpu(tiny_cifar, tmp_path, extra):
     full = fit(tiny_cfg(tiny_cifar, tmp_path / "full", epochs=3, **extra), progress=False)
     with pytest.raises(_Stop):
@@ -226,3 +227,21 @@ def test_depthwise_convs_run_in_fp32_under_cpu_bf16_autocast():
         z = torch.randn(2, dw.in_channels, 8, 8)
         assert torch.allclose(dw(z), torch.nn.functional.conv2d(
             z, dw.weight, None, dw.stride, dw.padding, dw.dilation, dw.groups))
+
+
+def test_a_whitening_layer_is_fit_from_the_runs_training_images_and_stays_fixed(tiny_cifar, tmp_path):
+    """strided_whiten: the run fits its first layer to its own (normalised) training images
+    before the first step, and training leaves it as fit; the checkpoint carries it."""
+    from c40.augment import normalize
+    from c40.data import channel_stats, load_dataset
+    from c40.model import create_model, fit_whitening
+
+    cfg = tiny_cfg(tiny_cifar, tmp_path, arch="strided_whiten", subset=256, epochs=2)
+    fit(cfg, progress=False)
+    images = load_dataset(tiny_cifar, "train").subset(256).images
+    mean, std = channel_stats(images)
+    x = normalize(torch.from_numpy(images).permute(0, 3, 1, 2), torch.tensor(mean), torch.tensor(std))
+    fresh = create_model("strided_whiten", width=0.5)
+    fit_whitening(fresh, x)
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")["model"]["c1.conv.weight"]
+    assert saved.abs().sum() > 0 and torch.equal(saved, fresh.c1.conv.weight)

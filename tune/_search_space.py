@@ -1,7 +1,7 @@
 """The search space of tune/search.py, its searchers and the warm start.
 
 The parameter limit is part of the space: `width` is sampled only from the widths whose model,
-built from the c40.model registry, has < 200,000 trainable parameters, so no sampled config can
+built from the c40.model registry, has < 200,000 parameters (fixed ones count), so no sampled config can
 be over the limit (the trial's rejection stays as a guard for spaces given in code).
 """
 from __future__ import annotations

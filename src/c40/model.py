@@ -1,7 +1,8 @@
 """The C1 C2 C3 C4 -> O networks. Pure modules: no device moves, dtype casts or I/O.
 
-Both archs: no MaxPool, >= 1 depthwise-separable conv, >= 1 dilated conv, BatchNorm, GAP,
-configurable dropout, < 200k trainable parameters, receptive field > 44 (see `c40.receptive`).
+Every arch: no MaxPool, >= 1 depthwise-separable conv, >= 1 dilated conv, BatchNorm, GAP,
+configurable dropout, < 200k parameters (fixed ones count), receptive field > 44
+(see `c40.receptive`).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PARAM_LIMIT = 200_000  # the assignment's limit: trainable parameters must stay below it
+PARAM_LIMIT = 200_000  # the assignment's limit: parameters (trained or fixed) must stay below it
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -39,14 +40,14 @@ def count_params(model: nn.Module) -> int:
 
 
 def check_param_limit(arch: str, width: float = 1.0, *, model: nn.Module | None = None) -> int:
-    """The trainable parameters of `arch` at `width` (of `model` when it is already built); a
+    """The parameters (trained or fixed) of `arch` at `width` (of `model` when it is already built); a
     ConfigError at or over the limit. The one place the rule is checked (c40 train and Ray
     Train's driver call it)."""
     from c40.errors import ConfigError
 
     params = count_params(model if model is not None else create_model(arch, width=width))
     if params >= PARAM_LIMIT:
-        raise ConfigError(f"{arch} at width {width} has {params:,} trainable parameters; "
+        raise ConfigError(f"{arch} at width {width} has {params:,} parameters; "
                           f"the limit is < {PARAM_LIMIT:,}")
     return params
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from c40.augment import normalize
 from c40.checkpoint import load_checkpoint, provenance, restore_run, run_state, save_checkpoint
 from c40.config import TrainConfig, progress_tta
 from c40.data import channel_stats, load_dataset, resolve_data_root
@@ -32,7 +33,6 @@ from c40.errors import CheckpointError, TrainingDiverged
 from c40.evaluate import evaluate
 from c40.files import prepare_out_dir, write_text
 from c40.loaders import LoaderSpec, TensorLoader, create_loader
-from c40.augment import normalize_constants
 from c40.model import Whitening, check_input_size, check_param_limit, create_model, fit_whitening
 from c40.optim import create_optimizer, create_scheduler
 from c40.precision import autocast, configure_backends, keep_depthwise_fp32, resolve_amp, resolve_device
@@ -113,7 +113,7 @@ class EpochStats:
 
 
 def check_model(cfg: TrainConfig, model: nn.Module | None = None) -> int:
-    """What a run's model must pass before it trains, as one-line ConfigErrors: < 200k trainable
+    """What a run's model must pass before it trains, as one-line ConfigErrors: < 200k
     parameters, and inputs of cfg.low_res px when some epochs train at that size. Returns the
     parameter count. `c40 train` and Ray Train's driver (before any worker starts) call it."""
     model = model if model is not None else create_model(cfg.arch, width=cfg.width)
@@ -141,9 +141,8 @@ def _setup(cfg: TrainConfig, device: torch.device, rank: int, world_size: int) -
                          num_classes=len(train.classes))
     params = check_model(cfg, model)
     if any(isinstance(m, Whitening) for m in model.modules()):  # fixed filters, fit from data
-        scale, shift = normalize_constants(mean, std)
-        x = torch.from_numpy(train.images[:5000]).permute(0, 3, 1, 2).float()
-        fit_whitening(model, x * scale.view(3, 1, 1) - shift.view(3, 1, 1))
+        x = torch.from_numpy(train.images[:5000]).permute(0, 3, 1, 2)
+        fit_whitening(model, normalize(x, torch.tensor(mean), torch.tensor(std)))
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=fmt)
     per_rank = max(1, cfg.batch_size // world_size)
