@@ -95,5 +95,9 @@ def test_whitening_layer_whitens_real_patches_and_is_never_trained(cifar_dir):
     assert count_params(model) == sum(p.numel() for p in model.parameters() if p.requires_grad) + w.numel()
     opt = create_optimizer(model, TrainConfig())
     assert not any(p is w for g in opt.param_groups for p in g["params"])
-    with pytest.raises(ValueError, match="even count"):
-        Whitening(30)
+    wide = create_model("strided_whiten", width=2.0)  # 32 channels: the 12 directions repeat
+    fit_whitening(wide, x[:50])
+    assert torch.equal(wide.c1.conv.weight[12], wide.c1.conv.weight[0])
+    assert wide(x[:2]).shape == (2, 10)
+    with pytest.raises(ValueError, match="even channel count"):
+        Whitening(15)

@@ -116,13 +116,14 @@ class Residual(nn.Module):
 class Whitening(nn.Module):
     """A fixed 2x2 patch-whitening conv (airbench's first layer) -> BatchNorm -> ReLU: the top
     cout/2 eigen-directions of the training images' 2x2x3 patch covariance, each as +v and -v
-    (so ReLU keeps both signs), scaled to unit variance. `fit` sets the filters from data; they
-    are never trained, and count toward the parameter limit. Unpadded: 32 -> 31 px."""
+    (so ReLU keeps both signs), scaled to unit variance; past 3*k*k directions (width > 1.5)
+    they repeat. `fit` sets the filters from data; they are never trained, and count toward the
+    parameter limit. Unpadded: 32 -> 31 px."""
 
     def __init__(self, cout: int, k: int = 2):
         super().__init__()
-        if cout % 2 or cout // 2 > 3 * k * k:
-            raise ValueError(f"whitening to {cout} channels needs an even count <= {6 * k * k}")
+        if cout % 2:
+            raise ValueError(f"whitening needs an even channel count (+v and -v), got {cout}")
         self.conv = nn.Conv2d(3, cout, k, bias=False)
         self.conv.weight.requires_grad_(False)
         self.bn = nn.BatchNorm2d(cout)
@@ -142,7 +143,8 @@ class Whitening(nn.Module):
             cov += torch.einsum("bil,bjl->ij", p, p)
             n += p.shape[0] * p.shape[2]
         evals, evecs = torch.linalg.eigh(cov / n)                 # ascending
-        top = evals.argsort(descending=True)[: w.shape[0] // 2]
+        order = evals.argsort(descending=True)
+        top = order[torch.arange(w.shape[0] // 2) % len(order)]
         v = (evecs[:, top] / (evals[top] + eps).sqrt()).T.reshape(-1, 3, k, k)
         w.copy_(torch.cat([v, -v]).to(w))
 
