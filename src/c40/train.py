@@ -140,7 +140,8 @@ def _setup(cfg: TrainConfig, device: torch.device, rank: int, world_size: int) -
     model = create_model(cfg.arch, dropout=cfg.dropout, width=cfg.width,
                          num_classes=len(train.classes))
     params = check_model(cfg, model)
-    if any(isinstance(m, Whitening) for m in model.modules()):  # fixed filters, fit from data
+    if not cfg.resume and any(isinstance(m, Whitening) for m in model.modules()):
+        # fixed filters, fit from data (a resumed run loads them from its checkpoint below)
         x = torch.from_numpy(train.images[:5000]).permute(0, 3, 1, 2)
         fit_whitening(model, normalize(x, torch.tensor(mean), torch.tensor(std)))
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
