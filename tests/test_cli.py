@@ -22,6 +22,16 @@ def test_summary_json_meets_every_rule(arch):
     assert s["flops_per_image"] > 1e6
 
 
+def test_summary_without_arch_is_the_model_c40_train_trains():
+    """`c40 summary` (no --arch) shows the default recipe's net (it said strided after the
+    default moved to strided_whiten)."""
+    from c40.config import TrainConfig
+
+    r = c40("summary", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["arch"] == TrainConfig().arch == "strided_whiten"
+
+
 def test_summary_table():
     r = c40("summary", "--arch", "strided")
     assert r.returncode == 0 and "RF=" in r.stdout and "DepthwiseConv2d" in r.stdout

@@ -56,7 +56,7 @@ def test_eval_json_agrees_with_report_summary(capsys, ckpt, data, tmp_path):
                       "--device", "cpu")
     assert rc == 0
     ev = json.loads(out)
-    assert ev["n"] == N_TEST and ev["arch"] == "strided" and ev["params"] > 0
+    assert ev["n"] == N_TEST and ev["arch"] == "strided_whiten" and ev["params"] > 0
     assert set(ev["per_class"]["cat"]) >= {"accuracy", "missed_fraction"}
     assert np.array(ev["confusion"]).shape == (10, 10) and np.sum(ev["confusion"]) == N_TEST
     rc, out, _ = _cli(capsys, "report", "--checkpoint", ckpt, "--data", data, "--out",

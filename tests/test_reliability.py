@@ -367,7 +367,8 @@ def test_bad_flag_values_write_nothing(tiny_cifar, tmp_path, flags, words):
 
 @pytest.fixture(scope="module")
 def one_epoch_run(tiny_cifar, tmp_path_factory) -> Path:
-    """A finished width-0.5 strided run (1 epoch on 256 images) to resume and evaluate."""
+    """A finished width-0.5 run of the fast recipe's arch (1 epoch on 256 images) to resume and
+    evaluate."""
     out = tmp_path_factory.mktemp("one_epoch")
     fit(TrainConfig.from_recipe("fast", data=str(tiny_cifar), out=str(out), width=0.5, epochs=1,
                                 batch_size=64, subset=256, test_subset=200, tta=False),
@@ -379,7 +380,7 @@ ONE_EPOCH = ["--epochs", "1", "--subset", "256"]
 
 
 @pytest.mark.parametrize("change, words", [
-    (["--arch", "dilated"], ["arch='strided'", "'dilated'"]),
+    (["--arch", "dilated"], ["arch='strided_whiten'", "'dilated'"]),
     (["--width", "1.0"], ["width=0.5", "1.0"]),
     (["--epochs", "3"], ["epochs=1", "3", "same value"]),  # crashed OneCycleLR before
     (["--lr", "0.05"], ["lr=0.2", "0.05"]),                # was silently ignored before

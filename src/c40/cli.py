@@ -121,7 +121,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from c40.config import TTA_MODES, add_config_flags, add_tta_flags
+    from c40.config import TTA_MODES, TrainConfig, add_config_flags, add_tta_flags
     from c40.inference import EXPORT_FORMATS
     from c40.model import list_models
 
@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("summary", help="per-layer table, parameters, receptive field, rule checks")
-    s.add_argument("--arch", default="strided", choices=list_models())
+    s.add_argument("--arch", default=TrainConfig.arch, choices=list_models(),
+                   help=f"default: {TrainConfig.arch}, the default recipe's")
     s.add_argument("--width", type=float, default=1.0)
     s.add_argument("--dropout", type=float, default=0.0)
     s.add_argument("--json", action="store_true", help="print one JSON object")
