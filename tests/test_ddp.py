@@ -48,9 +48,10 @@ def _reference_step(data, out) -> tuple[dict, list[set]]:
         x, y = next(iter(run.train_loader))
         shards.append(set(epoch_indices(64, run.train_loader.spec, 0).tolist()))
         loss = torch.nn.functional.cross_entropy(run.model(x), y, label_smoothing=run.cfg.label_smoothing)
-        grads.append(torch.autograd.grad(loss, list(run.model.parameters())))
+        trained = [p for p in run.model.parameters() if p.requires_grad]  # not the whitening
+        grads.append(torch.autograd.grad(loss, trained))
     model, opt = runs[0].model, runs[0].opt
-    for p, g0, g1 in zip(model.parameters(), *grads):
+    for p, g0, g1 in zip([p for p in model.parameters() if p.requires_grad], *grads):
         p.grad = (g0 + g1) / 2
     opt.step()
     return model.state_dict(), shards
