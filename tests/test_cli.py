@@ -77,6 +77,7 @@ def test_corrupt_batch_file_through_cli(tiny_cifar, tmp_path):
     (["--lr", "-1"], ["lr must be > 0"]),
     (["--dropout", "1.0"], ["dropout must be in [0, 1)"]),
     (["--jpeg-p", "1.5"], ["jpeg-p must be in [0, 1], got 1.5"]),
+    (["--noise-p", "-0.1"], ["noise-p must be in [0, 1], got -0.1"]),
     (["--arch", "resnet50"], ["unknown arch 'resnet50'"]),
     (["--recipe", "slow"], ["unknown recipe 'slow'"]),
     (["--width", "3"], ["parameters", "200,000"]),

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from c40 import cpu_loader
-from c40.augment import JPEG_QUALITY, create_albumentations, jpeg, normalize
+from c40.augment import JPEG_QUALITY, NOISE_STD, create_albumentations, jpeg, normalize, plan_augment
 from c40.cpu_loader import AlbumentationsLoader, WorkerError
 from c40.data import channel_stats, load_cifar10
 from c40.loaders import LoaderSpec, TensorLoader
@@ -161,6 +161,49 @@ def test_jpeg_augmentation_compresses_each_picked_image_at_a_quality_in_range(re
         x, y = (t.cpu() for t in next(iter(loader)))
     same = [torch.allclose(row, norm(images[i:i + 1])[0], atol=1e-5) for row, i in zip(x, y.tolist())]
     assert 0.3 < 1 - np.mean(same) < 0.7
+
+
+@pytest.mark.parametrize("kind", ["tensor", "albu0", pytest.param("tensor-cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_noise_augmentation_adds_zero_mean_noise_of_a_drawn_std_in_range(real, spec, kind):
+    """noise_p = 1 and nothing else: each row is its own image plus Gaussian noise whose std,
+    drawn per image from NOISE_STD x 255, is what the two loaders agree on (their mean std
+    ~half the top); the result stays in pixel range. noise_p = 0.5 leaves about half alone."""
+    images, labels = real[0][:192], np.arange(192)
+    s = replace(spec, p=0.0, flip_p=0.0, noise_p=1.0, shuffle=False)
+    mean, std = torch.tensor(s.mean).view(1, 3, 1, 1), torch.tensor(s.std).view(1, 3, 1, 1)
+    make = (lambda im, lb, s: TensorLoader(im, lb, s, "cuda")) if kind == "tensor-cuda" else LOADERS[kind]
+    with make(images, labels, s) as loader:
+        x, y = (t.cpu() for t in next(iter(loader)))
+    pix = (x * std + mean) * 255                                   # back to pixel values
+    clean = torch.from_numpy(images[y.numpy()]).permute(0, 3, 1, 2).float()
+    assert pix.min() > -0.01 and pix.max() < 255.01               # clipped like uint8
+    inside = (clean > 60) & (clean < 195)                          # far from clipping
+    d = pix - clean
+    sd = torch.stack([d[k][inside[k]].std() for k in range(len(d))])
+    top = NOISE_STD[1] * 255
+    assert sd.max() < top * 1.05 and sd.min() < 0.15 * top and sd.max() > 0.85 * top
+    assert abs(sd.mean() - top / 2) < 0.1 * top                   # std ~ U(0, top)
+    assert abs(d[inside].mean()) < 0.3
+    with make(images, labels, replace(s, noise_p=0.5)) as loader:
+        x, y = (t.cpu() for t in next(iter(loader)))
+    untouched = [torch.allclose(row * std[0] + mean[0], torch.from_numpy(images[i]).permute(2, 0, 1)
+                                / 255, atol=1e-5) for row, i in zip(x, y.tolist())]
+    assert 0.3 < np.mean(untouched) < 0.7
+
+
+def test_noise_is_drawn_after_every_other_augmentation():
+    """noise_p > 0 changes none of the flip/affine/cutout/JPEG draws: a run that adds noise
+    sees the same geometric augmentation, and noise_p = 0 is the run it was before."""
+    plans = []
+    for noise_p in (0.0, 0.5):
+        gen = torch.Generator().manual_seed(11)
+        plans.append(plan_augment(64, 32, 32, gen, "cpu", 0.5, 0.5, 0.5, noise_p))
+    a, b = plans
+    assert torch.equal(a.order, b.order) and torch.equal(a.theta, b.theta)
+    assert all(torch.equal(u, v) for u, v in zip(a.holes, b.holes))
+    assert all(np.array_equal(u, v) for u, v in zip(a.jpeg, b.jpeg))
+    assert a.noise is None and 15 < len(b.noise[0]) < 50 and b.noise[1].shape[1:] == (32, 32, 3)
 
 
 # ----------------------------------------------------------------------------- determinism

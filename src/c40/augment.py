@@ -11,6 +11,9 @@ Distributions shared by both paths (each transform fires with probability `p`):
            filled with the dataset-mean colour (pixel values)
   jpeg:    (off unless asked: probability `jpeg_p`, before the others) the image JPEG-compressed
            at a quality drawn uniformly from JPEG_QUALITY, as a photo tool saves it (`jpeg`)
+  noise:   (off unless asked: probability `noise_p`, after jpeg, before the others) Gaussian noise
+           per pixel and channel, its std drawn uniformly from NOISE_STD x 255, clipped to pixel
+           values (albumentations' GaussNoise), as a camera sensor adds it
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ SCALE = 0.1     # relative
 ROTATE = 15.0   # degrees
 HOLE = 16       # pixels
 JPEG_QUALITY = (30, 95)  # training JPEG quality range, inclusive
+NOISE_STD = (0.0, 0.08)  # training Gaussian noise std range, fraction of 255
 
 
 def mean_fill(mean: Sequence[float]) -> tuple[float, ...]:
@@ -63,12 +67,14 @@ def jpeg(images: np.ndarray, quality: Sequence[int]) -> np.ndarray:
 
 
 def create_albumentations(mean: Sequence[float], std: Sequence[float], p: float = 0.5,
-                          normalize: bool = True, flip_p: float | None = None, jpeg_p: float = 0.0):
+                          normalize: bool = True, flip_p: float | None = None, jpeg_p: float = 0.0,
+                          noise_p: float = 0.0):
     """The per-image pipeline; `mean`/`std` are per-channel in [0, 1] units (from the train set)."""
     import albumentations as A
     import cv2
 
     steps = [albumentations_jpeg(JPEG_QUALITY, jpeg_p)] if jpeg_p > 0 else []
+    steps += [A.GaussNoise(std_range=NOISE_STD, p=noise_p)] if noise_p > 0 else []
     steps += [
         A.HorizontalFlip(p=p if flip_p is None else flip_p),
         A.Affine(translate_percent=(-SHIFT, SHIFT), scale=(1 - SCALE, 1 + SCALE),
@@ -153,6 +159,9 @@ class AugmentPlan:
     # host arrays: the output rows to JPEG-compress before everything else, the batch positions
     # of their input images, and their qualities (empty unless jpeg_p > 0)
     jpeg: tuple[np.ndarray, np.ndarray, np.ndarray] = (np.empty(0, np.int64),) * 3
+    # the output rows that get Gaussian noise (after JPEG) and their (n, H, W, 3) noise in pixel
+    # values, on the device (None unless noise_p > 0)
+    noise: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -163,11 +172,13 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def plan_augment(b: int, h: int, w: int, gen: torch.Generator, device, p: float = 0.5,
-                 flip_p: float | None = None, jpeg_p: float = 0.0) -> AugmentPlan:
+                 flip_p: float | None = None, jpeg_p: float = 0.0,
+                 noise_p: float = 0.0) -> AugmentPlan:
     """The draws of `batch_cutout(batch_affine(batch_flip(x)))` (same numbers, same order) for a
     batch of b images of h x w, drawn on the host from the CPU generator `gen`; then, if
-    jpeg_p > 0, which images are JPEG-compressed first and at what quality (drawn last, so
-    jpeg_p = 0 leaves every other draw as it was).
+    jpeg_p > 0, which images are JPEG-compressed first and at what quality, and if noise_p > 0,
+    which get Gaussian noise and the noise (each drawn after the others, so jpeg_p = 0 and
+    noise_p = 0 leave every other draw as it was).
 
     Everything whose size depends on the draws (how many rows each transform gets, which rows
     get a hole) is computed here, on the host, so the device never has to report a count back:
@@ -196,7 +207,23 @@ def plan_augment(b: int, h: int, w: int, gen: torch.Generator, device, p: float 
         quality = torch.randint(JPEG_QUALITY[0], JPEG_QUALITY[1] + 1, (b,), generator=gen).numpy()
         jrows = np.flatnonzero(sel[order])
         plan.jpeg = (jrows, order[jrows], quality[order[jrows]])
+    if noise_p > 0:
+        sel = _select(b, noise_p, gen, cpu).numpy()
+        std = _uniform(b, NOISE_STD[0] * 255, NOISE_STD[1] * 255, gen, cpu)
+        nrows = np.flatnonzero(sel[order])
+        field = torch.randn((len(nrows), h, w, 3), generator=gen)
+        field *= std[torch.from_numpy(order[nrows])].view(-1, 1, 1, 1)
+        plan.noise = (to_device(torch.from_numpy(nrows), device), to_device(field, device))
     return plan
+
+
+def add_noise_(x: torch.Tensor, plan: AugmentPlan) -> torch.Tensor:
+    """Add the plan's Gaussian noise to float (B, H, W, 3) pixel values gathered in `plan.order`,
+    clipped to [0, 255] as albumentations' GaussNoise clips uint8 images; in place. Returns x."""
+    if plan.noise is not None:
+        rows, field = plan.noise
+        x.index_add_(0, rows, field.to(x.dtype)).clamp_(0, 255)
+    return x
 
 
 def apply_augment_(x: torch.Tensor, plan: AugmentPlan, fill: torch.Tensor) -> torch.Tensor:

@@ -121,6 +121,9 @@ class TrainConfig:
     flip_p: float = _f(0.5, "probability of the horizontal flip")
     jpeg_p: float = _f(0.0, "probability that a training image is first JPEG-compressed at a "
                             "quality uniform in c40.augment.JPEG_QUALITY (robustness to photos)")
+    noise_p: float = _f(0.0, "probability that a training image gets Gaussian noise (after any "
+                             "JPEG) of a std uniform in c40.augment.NOISE_STD x 255 (robustness "
+                             "to noisy photos)")
     low_res: int = _f(24, "progressive resizing: training resolution (pixels) of the first "
                           "low_res_frac x epochs (rounded down), then 32")
     low_res_frac: float = _f(0.55, "fraction of the epochs trained at low_res")
@@ -163,6 +166,7 @@ class TrainConfig:
             (0 <= self.aug_p <= 1, f"aug-p must be in [0, 1], got {self.aug_p}"),
             (0 <= self.flip_p <= 1, f"flip-p must be in [0, 1], got {self.flip_p}"),
             (0 <= self.jpeg_p <= 1, f"jpeg-p must be in [0, 1], got {self.jpeg_p}"),
+            (0 <= self.noise_p <= 1, f"noise-p must be in [0, 1], got {self.noise_p}"),
             (8 <= self.low_res <= 32, f"low-res must be in [8, 32], got {self.low_res}"),
             (0 <= self.low_res_frac < 1, f"low-res-frac must be in [0, 1), got {self.low_res_frac}"),
             (0 <= self.warmup < 1, f"warmup must be in [0, 1), got {self.warmup}"),

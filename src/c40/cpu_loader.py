@@ -71,7 +71,7 @@ def _compose(spec: LoaderSpec):
     if not spec.augment:
         return None
     return create_albumentations(spec.mean, spec.std, spec.p, normalize=False, flip_p=spec.flip_p,
-                                 jpeg_p=spec.jpeg_p)
+                                 jpeg_p=spec.jpeg_p, noise_p=spec.noise_p)
 
 
 def _numpy_norm(spec: LoaderSpec) -> tuple[np.ndarray, np.ndarray]:

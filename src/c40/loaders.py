@@ -21,7 +21,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from c40.augment import apply_augment_, jpeg, mean_fill, normalize_constants, plan_augment, to_device
+from c40.augment import (add_noise_, apply_augment_, jpeg, mean_fill, normalize_constants,
+                         plan_augment, to_device)
 
 
 @dataclass
@@ -34,6 +35,7 @@ class LoaderSpec:
     p: float = 0.5                   # probability of the affine and of the cutout
     flip_p: float | None = None      # probability of the flip (None: same as p)
     jpeg_p: float = 0.0              # probability of JPEG compression (c40.augment.jpeg)
+    noise_p: float = 0.0             # probability of Gaussian noise (c40.augment.NOISE_STD)
     shuffle: bool = False
     drop_last: bool = False
     seed: int = 0
@@ -44,7 +46,7 @@ class LoaderSpec:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        for p in (self.p, self.jpeg_p):
+        for p in (self.p, self.jpeg_p, self.noise_p):
             if not 0 <= p <= 1:
                 raise ValueError(f"augmentation probability must be in [0, 1], got {p}")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
@@ -110,7 +112,8 @@ class TensorLoader:
             idx = order[i * spec.batch_size:(i + 1) * spec.batch_size]
             plan = None
             if spec.augment:  # rows regrouped so each transform runs on a contiguous block
-                plan = plan_augment(len(idx), h, w, gen, self.device, spec.p, spec.flip_p, spec.jpeg_p)
+                plan = plan_augment(len(idx), h, w, gen, self.device, spec.p, spec.flip_p, spec.jpeg_p,
+                                    spec.noise_p)
                 idx = idx.index_select(0, plan.order)
             x = self.images.index_select(0, idx)                        # (B, H, W, 3) uint8
             if plan is not None and len(plan.jpeg[0]):
@@ -119,7 +122,10 @@ class TensorLoader:
                 compressed = jpeg(self.host_images[host_order[start + src]], quality)
                 x[to_device(torch.from_numpy(rows), self.device)] = to_device(
                     torch.from_numpy(compressed), self.device)
-            x = x.float().mul_(self.scale).sub_(self.shift).permute(0, 3, 1, 2)  # channels_last
+            x = x.float()
+            if plan is not None:
+                add_noise_(x, plan)
+            x = x.mul_(self.scale).sub_(self.shift).permute(0, 3, 1, 2)  # channels_last
             if plan is not None:
                 apply_augment_(x, plan, self.fill)
             if not spec.channels_last:

@@ -148,7 +148,7 @@ def _setup(cfg: TrainConfig, device: torch.device, rank: int, world_size: int) -
     model = model.to(device, memory_format=fmt)
     per_rank = max(1, cfg.batch_size // world_size)
     spec = LoaderSpec(per_rank, mean, std, augment=True, p=cfg.aug_p, flip_p=cfg.flip_p,
-                      jpeg_p=cfg.jpeg_p, shuffle=True,
+                      jpeg_p=cfg.jpeg_p, noise_p=cfg.noise_p, shuffle=True,
                       drop_last=len(train) >= per_rank * world_size, seed=cfg.seed, rank=rank,
                       world_size=world_size, channels_last=cfg.channels_last)
     train_loader = create_loader(cfg.loader, train.images, train.labels, spec, device, cfg.workers)
