@@ -2,12 +2,15 @@
 60 minutes), the test accuracy of one `c40 train` run sized to fit the budget.
 
 Each run's epochs come from a calibration run made right before it, of the same arch and recipe
-(2 epochs on the whole training set, each tested: the first at the recipe's low resolution with a
-progress test, at most flip TTA; the second at 32 px with the final test in the recipe's TTA):
-the most epochs n with startup + n x (training seconds per epoch at the recipe's low-res share) +
-(progress tests of n epochs at the recipe's eval_every) x (seconds of one) + (seconds of the final
-test) <= budget. Calibrating per run, not once per arch, follows the host: its speed drifts
-10-25% between hours (a calibration 50 minutes old once sized a 60-min run that took 53). Each
+(4 epochs on the whole training set, each tested: two at the recipe's low resolution, then two
+at 32 px; the first three tests are progress tests, at most flip TTA, the last the final test in
+the recipe's TTA): the most epochs n with startup + n x (training seconds per epoch at the
+recipe's low-res share, each size's two epochs averaged) + (progress tests of n epochs at the
+recipe's eval_every) x (seconds of one) + (seconds of the final test) <= budget. Calibrating per
+run, not once per arch, follows the host: its speed drifts 10-25% between hours (a calibration
+50 minutes old once sized a 60-min run that took 53), and one epoch of a size is a noisy sample
+of it (single-epoch calibrations of the hour's resnet / resnet_whiten read 24 px at 15.5 /
+23.8 s where their runs' medians were 19.3 / 18.6 s): two per size halve that variance. Each
 budget is then one fresh process timed from start to exit, as a user meets it; a run that
 overshoots its budget is recorded with `within_budget: false`, not hidden. Results, each run with
 the calibration that sized it, are written after every run, and a run already measured with the
@@ -58,8 +61,8 @@ def _flags(arch: str, args, **extra) -> list[str]:
 # the flags that make a frontier run what it is: --train-flags may not set them
 OWNED = {"--recipe", "--arch", "--seed", "--tta", "--epochs", "--data", "--out", "--subset",
          "--test-subset", "--resume", "--config", "--no-progress"}
-# what a calibration run sets after the run's own flags: one low-res epoch, one 32-px, each tested
-CALIBRATION = ["--epochs", "2", "--low-res-frac", "0.5", "--eval-every", "1"]
+# what a calibration run sets after the run's own flags: two low-res epochs, two 32-px, each tested
+CALIBRATION = ["--epochs", "4", "--low-res-frac", "0.5", "--eval-every", "1"]
 
 
 def train_flags(text: str) -> list[str]:
@@ -90,21 +93,25 @@ def label(arch: str, args) -> str:
 
 
 def calibrate(arch: str, minutes: float, args, config: dict) -> dict:
-    """Training seconds of one epoch at low resolution and at 32 px, seconds of one progress
-    test and of the final test (c40.config.progress_tta), and the process's startup; the
-    epoch is priced at the run's own low-res share and test interval (config: the run's, from
-    check_flags, so --train-flags "--low-res-frac 0.5" size the run they make)."""
+    """Training seconds of an epoch at low resolution and at 32 px (the mean of two each; the
+    samples are kept), seconds of a progress test (the mean of three) and of the final test
+    (c40.config.progress_tta), and the process's startup; the epoch is priced at the run's own
+    low-res share and test interval (config: the run's, from check_flags, so --train-flags
+    "--low-res-frac 0.5" size the run they make)."""
     r = train_process(_flags(arch, args) + CALIBRATION,
                       Path(args.runs_dir) / f"calibrate-{_slug(arch, args)}-{minutes:g}min",
                       f"frontier calibrate {arch} for {minutes:g} min")
-    low, full = r["history"]
+    hist = r["history"]
+    train = [m["train_seconds"] for m in hist]
+    tests = [m["seconds"] - m["train_seconds"] for m in hist]
+    low, full = sum(train[:2]) / 2, sum(train[2:]) / 2
     frac = config["low_res_frac"]
-    per_epoch = frac * low["train_seconds"] + (1 - frac) * full["train_seconds"]
-    return {"low_res_seconds": round(low["train_seconds"], 2),
-            "full_res_seconds": round(full["train_seconds"], 2),
-            "progress_eval_seconds": round(low["seconds"] - low["train_seconds"], 2),
-            "eval_seconds": round(full["seconds"] - full["train_seconds"], 2),
-            "startup_seconds": r["startup_seconds"], "seconds_per_epoch": round(per_epoch, 2),
+    return {"low_res_seconds": round(low, 2), "full_res_seconds": round(full, 2),
+            "low_res_samples": [round(t, 2) for t in train[:2]],
+            "full_res_samples": [round(t, 2) for t in train[2:]],
+            "progress_eval_seconds": round(sum(tests[:3]) / 3, 2),
+            "eval_seconds": round(tests[3], 2), "startup_seconds": r["startup_seconds"],
+            "seconds_per_epoch": round(frac * low + (1 - frac) * full, 2),
             "low_res_frac": frac, "eval_every": config["eval_every"], "command": r["command"]}
 
 
