@@ -187,7 +187,8 @@ def train_process(flags: list[str], out: Path, tag: str) -> dict:
     code = load_checkpoint(out / "checkpoint.pt")["provenance"].get("c40_commit")  # at its start
     return {"final_accuracy": float(found.group(1)), "wall_seconds": round(wall, 2),
             "c40_commit": code,
-            "startup_seconds": round(wall - hist[-1]["elapsed"], 2),  # outside fit(): imports etc.
+            # outside the epochs: imports, data loading and the run's setup inside fit(), exit
+            "startup_seconds": round(wall - sum(m["seconds"] for m in hist), 2),
             "epochs": len(hist), "history": hist, "command": portable(cmd),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 

@@ -4,7 +4,8 @@
 Each run's epochs come from a calibration run made right before it, of the same arch and recipe
 (4 epochs on the whole training set, each tested: two at the recipe's low resolution, then two
 at 32 px; the first three tests are progress tests, at most flip TTA, the last the final test in
-the recipe's TTA): the most epochs n with startup + n x (training seconds per epoch at the
+the recipe's TTA): the most epochs n with startup (every second outside the epochs: imports, data
+loading and setup inside fit(), exit) + n x (training seconds per epoch at the
 recipe's low-res share, each size's two epochs averaged) + (progress tests of n epochs at the
 recipe's eval_every) x (seconds of one) + (seconds of the final test) <= budget. Calibrating per
 run, not once per arch, follows the host: its speed drifts 10-25% between hours (a calibration

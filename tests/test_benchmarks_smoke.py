@@ -160,8 +160,14 @@ def test_frontier_sizes_each_run_to_its_budget_and_skips_on_rerun(tiny_cifar, tm
     assert runs["30"]["epochs"] == 3 and runs["30"]["within_budget"] is True
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                           cwd=ROOT).stdout.strip() or None
-    for r in runs.values():
+    for key, r in runs.items():
         assert r["c40_commit"] == head  # each run names the code it ran
+        # startup is every second outside the epochs: imports, and the data loading and setup
+        # inside fit() (the hour's run spent 3-7 s there, which sizing once left out)
+        hist = [json.loads(line) for line in
+                (tmp_path / "runs" / f"strided-{key}min" / "metrics.jsonl").read_text().splitlines()]
+        assert r["startup_seconds"] == pytest.approx(r["wall_seconds"] - sum(m["seconds"] for m in hist),
+                                                     abs=0.02)
         assert 0 <= r["final_accuracy"] <= 1 and r["final_accuracy"] == r["curve"][-1]["test_acc"]
         assert r["within_budget"] == (r["wall_seconds"] <= 60 * r["budget_minutes"])
         assert r["command"][:4] == ["python", "-m", "c40", "train"] and "--epochs" in r["command"]
