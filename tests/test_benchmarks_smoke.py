@@ -150,13 +150,15 @@ def test_frontier_sizes_each_run_to_its_budget_and_skips_on_rerun(tiny_cifar, tm
             sum(m["seconds"] - m["train_seconds"] for m in hist[:3]) / 3, abs=0.01)
         per = 0.55 * cal["low_res_seconds"] + 0.45 * cal["full_res_seconds"]
         assert cal["seconds_per_epoch"] == pytest.approx(per, abs=0.01)
-    # 18 s hold the most epochs n with startup + n * per + one evaluation <= 18 (at least 1);
-    # 30 min hold more than the cap of 3
+    # 18 s hold the most epochs n with startup + n * per + one evaluation <= 18 less the 2%
+    # headroom (at least 1); 30 min hold more than the cap of 3
     cal = runs["0.3"]["calibration"]
     per = cal["seconds_per_epoch"]
-    fit = max([n for n in range(1, 4) if cal["startup_seconds"] + n * per + cal["eval_seconds"] <= 18],
+    fit = max([n for n in range(1, 4) if cal["startup_seconds"] + n * per + cal["eval_seconds"] <= 0.98 * 18],
               default=1)
-    assert runs["0.3"]["epochs"] == fit
+    assert runs["0.3"]["epochs"] == fit and runs["0.3"]["headroom"] == 0.02
+    assert runs["0.3"]["predicted_seconds"] == pytest.approx(
+        cal["startup_seconds"] + fit * per + cal["eval_seconds"], abs=0.1)
     assert runs["30"]["epochs"] == 3 and runs["30"]["within_budget"] is True
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                           cwd=ROOT).stdout.strip() or None
@@ -291,6 +293,10 @@ def test_frontier_budget_pays_for_the_test_evaluations():
     assert frontier.run_seconds(n, cal) <= 3600 < frontier.run_seconds(n + 1, cal)
     assert frontier.epochs_for(3600, {**cal, "eval_every": 0}) == 179  # one evaluation at the end
     assert frontier.epochs_for(3600, cal, cap=50) == 50 and frontier.epochs_for(1, cal) == 1
+    # what run_budget sizes to with the default headroom: 98% of the hour, 3,528 s
+    assert frontier.epochs_for(3600 * (1 - frontier.HEADROOM), cal) == 171  # 3,523 s; 172: 3,543
+    with pytest.raises(SystemExit):
+        frontier._parse(["--headroom", "0.5"])
 
 
 def test_time_to_accuracy_never_mixes_machines():
