@@ -117,15 +117,16 @@ def calibrate(arch: str, minutes: float, args, config: dict) -> dict:
                       Path(args.runs_dir) / f"calibrate-{_slug(arch, args)}-{minutes:g}min",
                       f"frontier calibrate {arch} for {minutes:g} min")
     hist = r["history"]
+    half = len(hist) // 2  # CALIBRATION's low-res share is 0.5: the first half is at low res
     train = [m["train_seconds"] for m in hist]
-    tests = [m["seconds"] - m["train_seconds"] for m in hist]
-    low, full = sum(train[:2]) / 2, sum(train[2:]) / 2
+    tests = [m["seconds"] - m["train_seconds"] for m in hist]  # progress tests, then the final
+    low, full = sum(train[:half]) / half, sum(train[half:]) / (len(hist) - half)
     frac = config["low_res_frac"]
     return {"low_res_seconds": round(low, 2), "full_res_seconds": round(full, 2),
-            "low_res_samples": [round(t, 2) for t in train[:2]],
-            "full_res_samples": [round(t, 2) for t in train[2:]],
-            "progress_eval_seconds": round(sum(tests[:3]) / 3, 2),
-            "eval_seconds": round(tests[3], 2), "startup_seconds": r["startup_seconds"],
+            "low_res_samples": [round(t, 2) for t in train[:half]],
+            "full_res_samples": [round(t, 2) for t in train[half:]],
+            "progress_eval_seconds": round(sum(tests[:-1]) / (len(tests) - 1), 2),
+            "eval_seconds": round(tests[-1], 2), "startup_seconds": r["startup_seconds"],
             "seconds_per_epoch": round(frac * low + (1 - frac) * full, 2),
             "low_res_frac": frac, "eval_every": config["eval_every"], "command": r["command"]}
 
