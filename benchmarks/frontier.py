@@ -19,6 +19,9 @@ the calibration that sized it, are written after every run, and a run already me
 same flags and config (its epochs aside) is skipped (--force reruns), so the benchmark can be run
 in pieces; a run measured before its recipe or a default moved (or before runs recorded their
 config) is run again.
+--clock lets each run follow the clock instead (`c40 train --time-budget`, c40.budget): no
+calibration, the recipe's epochs as a cap, the schedule stretched to the budget less its headroom
+as the run goes; its runs are a line of their own ("ARCH clock").
 --train-flags adds `c40 train` flags to every run of the call (its calibrations included); its
 runs are a line of their own, named by the arch and those flags, beside the plain arch's. An
 epoch is priced at the run's own low-res share and test interval, so flags such as
@@ -26,6 +29,7 @@ epoch is priced at the run's own low-res share and test interval, so flags such 
 Usage:
   python benchmarks/frontier.py --data DIR --archs strided,resnet --budgets 5,15,30,60
   python benchmarks/frontier.py --data DIR --archs resnet --budgets 60 --train-flags "--muon-lr 0.05"
+  python benchmarks/frontier.py --data DIR --archs resnet_whiten --budgets 60 --clock
 """
 from __future__ import annotations
 
@@ -62,7 +66,7 @@ def _flags(arch: str, args, **extra) -> list[str]:
 
 # the flags that make a frontier run what it is: --train-flags may not set them
 OWNED = {"--recipe", "--arch", "--seed", "--tta", "--epochs", "--data", "--out", "--subset",
-         "--test-subset", "--resume", "--config", "--no-progress"}
+         "--test-subset", "--resume", "--config", "--no-progress", "--time-budget"}
 # what a calibration run sets after the run's own flags: two low-res epochs, two 32-px, each tested
 CALIBRATION = ["--epochs", "4", "--low-res-frac", "0.5", "--eval-every", "1"]
 
@@ -99,12 +103,13 @@ def check_flags(arch: str, args) -> dict:
         cfg = train_config(_flags(arch, args, epochs=1))  # a ConfigError names the bad value
     except SystemExit:  # argparse has printed why
         raise C40Error(f"--train-flags {' '.join(args.train_flags)!r}: not c40 train flags") from None
-    return {k: v for k, v in cfg.items() if k != "epochs"}
+    return {k: v for k, v in cfg.items() if k not in ("epochs", "time_budget")}
 
 
 def label(arch: str, args) -> str:
-    """The line's name in the JSON and the plot: the arch, then any --train-flags."""
-    return " ".join([arch, *args.train_flags])
+    """The line's name in the JSON and the plot: the arch, "clock" under --clock, then any
+    --train-flags."""
+    return " ".join([arch, *(["clock"] if args.clock else []), *args.train_flags])
 
 
 def calibrate(arch: str, minutes: float, args, config: dict) -> dict:
@@ -148,23 +153,32 @@ def epochs_for(budget_s: float, cal: dict, cap: int | None = None) -> int:
 
 
 def run_budget(arch: str, minutes: float, args, config: dict) -> dict:
-    """Calibrate, size the run to the budget less its headroom, run it; config: what
-    check_flags planned."""
-    cal = calibrate(arch, minutes, args, config)
-    epochs = epochs_for(60 * minutes * (1 - args.headroom), cal, args.epochs_cap)
-    r = train_process(_flags(arch, args, epochs=epochs), _out(arch, minutes, args),
-                      f"frontier {arch} {minutes:g} min")
+    """Calibrate, size the run to the budget less its headroom, run it (--clock: run it under
+    that budget, the recipe's epochs as a cap); config: what check_flags planned."""
+    if args.clock:
+        cal, epochs = None, args.epochs_cap
+        flags = _flags(arch, args, epochs=epochs, time_budget=round(minutes * (1 - args.headroom), 4))
+    else:
+        cal = calibrate(arch, minutes, args, config)
+        epochs = epochs_for(60 * minutes * (1 - args.headroom), cal, args.epochs_cap)
+        flags = _flags(arch, args, epochs=epochs)
+    r = train_process(flags, _out(arch, minutes, args), f"frontier {label(arch, args)} {minutes:g} min")
     curve = [{"epoch": m["epoch"], "elapsed": round(m["elapsed"], 2), "test_acc": m["test_acc"]}
              for m in r.pop("history") if "test_acc" in m]
     return {**r, "arch": arch, "train_flags": args.train_flags, "budget_minutes": minutes, "curve": curve,
             "within_budget": r["wall_seconds"] <= 60 * minutes, "headroom": args.headroom,
-            "predicted_seconds": round(run_seconds(epochs, cal), 1), "calibration": cal,
+            "predicted_seconds": round(run_seconds(epochs, cal), 1) if cal else None, "calibration": cal,
             "config": config}
 
 
-def _sans_epochs(command: list[str]) -> list[str]:
-    i = command.index("--epochs")
-    return command[:i] + command[i + 2:]
+def _sans_sizing(command: list[str]) -> list[str]:
+    """A run's command less what sized it to its budget (--epochs, --time-budget)."""
+    out = list(command)
+    for flag in ("--epochs", "--time-budget"):
+        if flag in out:
+            i = out.index(flag)
+            del out[i:i + 2]
+    return out
 
 
 def _slug(arch: str, args) -> str:
@@ -222,7 +236,7 @@ def main(argv=None) -> int:
                 wanted = portable([sys.executable, "-m", "c40", "train", *_flags(arch, args),
                                    "--out", str(_out(arch, minutes, args)), "--no-progress"])
                 done = entry["budgets"].get(key)
-                if (not args.force and done and _sans_epochs(done["command"]) == wanted
+                if (not args.force and done and _sans_sizing(done["command"]) == wanted
                         and done.get("config") == configs[arch]):
                     print(f"[frontier] {arch} {key} min: already measured, skipped", file=sys.stderr)
                     continue
@@ -264,6 +278,8 @@ def _parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--force", action="store_true", help="rerun runs already measured")
     ap.add_argument("--train-flags", type=train_flags, default=[],
                     help='more `c40 train` flags for every run, e.g. "--muon-lr 0.05 --bn-bias-lr 8" (one flag alone: --train-flags=--flag)')
+    ap.add_argument("--clock", action="store_true",
+                    help="each run follows the clock (c40 train --time-budget) instead of a calibration")
     ap.add_argument("--headroom", type=headroom, default=HEADROOM,
                     help="fraction of each budget left free when sizing its run (default %(default)s)")
     ap.add_argument("--epochs-cap", type=positive_int, default=None,

@@ -439,3 +439,29 @@ def test_tta_views_benchmark_refuses_a_missing_checkpoint_in_one_line(data_dir, 
     assert tta_views.main(["--data", data_dir, "--checkpoints", str(tmp_path / "no.pt")]) == 2
     err = capsys.readouterr().err
     assert "checkpoint not found" in err and len(err.splitlines()) == 1
+
+
+def test_frontier_clock_runs_each_budget_under_the_clock_without_calibration(tiny_cifar, tmp_path,
+                                                                            capsys):
+    """--clock: each run is `c40 train --time-budget` (the budget less the headroom), no
+    calibration; its points are a line of their own and are skipped when measured."""
+    from conftest import load_script
+
+    frontier = load_script("benchmarks/frontier.py")
+    base = ["--data", str(tiny_cifar), "--recipe", "fast", "--budgets", "0.1", "--epochs-cap", "500",
+            "--subset", "200", "--test-subset", "100", "--out-dir", str(tmp_path / "res"),
+            "--runs-dir", str(tmp_path / "runs"), "--clock"]
+    assert frontier.main(base) == 0
+    r = json.loads((tmp_path / "res" / "frontier.json").read_text())["archs"]["strided clock"]["budgets"]["0.1"]
+    assert r["calibration"] is None and r["predicted_seconds"] is None
+    cmd = r["command"]
+    assert cmd[cmd.index("--time-budget") + 1] == "0.098"  # 6 s less the 2% headroom
+    assert not list((tmp_path / "runs").glob("calibrate-*"))
+    hist = [json.loads(line) for line in
+            (tmp_path / "runs" / "strided_clock-0.1min" / "metrics.jsonl").read_text().splitlines()]
+    assert 1 < len(hist) < 500 and hist[-1]["ended"]  # the clock ended it, not the cap
+    assert hist[-1]["elapsed"] < 0.098 * 60 + 1.0  # fit's clock: imports come before it
+    assert r["final_accuracy"] == hist[-1]["test_acc"]
+    capsys.readouterr()
+    assert frontier.main(base) == 0
+    assert "already measured" in capsys.readouterr().err

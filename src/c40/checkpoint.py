@@ -147,9 +147,9 @@ def provenance() -> dict:
 # a changed lr/momentum/weight decay, and a changed step count crashes OneCycleLR at the end.
 RESUME_MUST_MATCH = ("arch", "width", "epochs", "batch_size", "subset", "val_split", "lr",
                      "schedule", "warmup", "momentum", "nesterov", "weight_decay", "muon_lr",
-                     "bn_bias_lr", "teacher", "distill", "distill_temp")
+                     "bn_bias_lr", "teacher", "distill", "distill_temp", "time_budget")
 # fields newer than some checkpoints -> the value every run before them had (not today's default)
-BEFORE_FIELD = {**PLAIN_SGD, "teacher": None, "distill": 0.5, "distill_temp": 4.0}
+BEFORE_FIELD = {**PLAIN_SGD, "teacher": None, "distill": 0.5, "distill_temp": 4.0, "time_budget": 0.0}
 
 
 def restore_run(run, state: dict, path: Path) -> None:

@@ -95,6 +95,9 @@ class TrainConfig:
     width: float = _f(1.0, "channel multiplier (params must stay < 200k)")
     dropout: float = _f(0.0, "dropout probability after each block and before the head")
     epochs: int = _f(5, "passes over the training set")
+    time_budget: float = _f(0.0, "minutes for the whole run, its final test included (0: off): "
+                            "the schedule and the low-res phase follow the clock, and the run ends "
+                            "at the first epoch where another would not fit, or after --epochs")
     batch_size: int = _f(128, "images per optimizer step (global across workers)")
     lr: float = _f(0.2, "peak learning rate of the schedule")
     schedule: str = _f("onecycle", "onecycle | constant")
@@ -158,6 +161,7 @@ class TrainConfig:
         self.tta = tta_mode(self.tta)
         checks = [
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.time_budget >= 0, f"time-budget must be >= 0 minutes, got {self.time_budget}"),
             (self.batch_size >= 1, f"batch-size must be >= 1, got {self.batch_size}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),

@@ -134,6 +134,11 @@ class Evaluation:
         }
 
 
+def n_views(mode) -> int:
+    """How many views per image a test in TTA `mode` evaluates."""
+    return len(tta_views(torch.zeros(1, 1, 4, 4), tta_mode(mode)))
+
+
 def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
     """The views of a batch (B, C, H, W) whose predictions `mode` averages (c40.config.TTA_MODES):
     off: the batch; flip: it and its left-right mirror; flip-shift: those two, each also moved

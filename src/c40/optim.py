@@ -8,7 +8,8 @@ momentum of each filter bank, flattened to (out, in x k x k), is orthogonalized 
 Newton-Schulz iterations before the step (Jordan et al. 2024, as in airbench's Muon runs), so every
 direction of the filter bank moves at the same rate. No weight decay there: BatchNorm follows
 every such conv, so the filters' scale does not matter. Both follow the same one-cycle schedule,
-each from its own peak. Muon's step is not fused: under fp16 (pre-Ampere GPUs) GradScaler reads
+each from its own peak. Under a time budget (`c40.budget`) the same one-cycle shape runs on the
+fraction of the run done instead of on the step count. Muon's step is not fused: under fp16 (pre-Ampere GPUs) GradScaler reads
 its inf flag back once per step, a host sync plain SGD avoids; the GPU recipes use plain SGD.
 """
 from __future__ import annotations
@@ -16,10 +17,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from typing import Callable
+
 from c40.config import TrainConfig
 
 MUON_MOMENTUM = 0.95
 _NS_COEFFS = (3.4445, -4.7750, 2.0315)  # Newton-Schulz quintic of Muon: fast, not exact
+START_DIV, FINAL_DIV = 25.0, 1e3  # one cycle: from peak / 25 up to the peak, down to that / 1000
 
 
 def muon_params(model: nn.Module) -> list[nn.Parameter]:
@@ -51,13 +55,26 @@ def create_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False) ->
     return MuonSGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
 
-def create_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+def one_cycle(done: float, warmup: float) -> float:
+    """OneCycleLR's linear shape as a multiple of the peak, at `done` (0-1) of the run."""
+    start, end, done = 1 / START_DIV, 1 / (START_DIV * FINAL_DIV), min(max(done, 0.0), 1.0)
+    if done < warmup:
+        return start + (1 - start) * done / warmup
+    return 1 - (1 - end) * (done - warmup) / (1 - warmup)
+
+
+def create_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int,
+                     done: Callable[[int], float] | None = None):
+    """The schedule over `total_steps`; with `done(step)` (a time budget: the fraction of the
+    run done) the one-cycle shape follows that instead."""
     if cfg.schedule == "constant":
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    if done is not None:
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: one_cycle(done(step), cfg.warmup))
     return torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=max(total_steps, 2),
-        pct_start=cfg.warmup, anneal_strategy="linear", div_factor=25.0, final_div_factor=1e3,
-        cycle_momentum=False)
+        pct_start=cfg.warmup, anneal_strategy="linear", div_factor=START_DIV,
+        final_div_factor=FINAL_DIV, cycle_momentum=False)
 
 
 def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:

@@ -24,13 +24,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from c40.augment import normalize
+from c40.budget import TimeBudget
 from c40.checkpoint import load_checkpoint, provenance, restore_run, run_state, save_checkpoint
 from c40.config import TrainConfig, progress_tta
 from c40.data import channel_stats, load_dataset, resolve_data_root
 from c40.distill import Teacher, load_teacher
 from c40.ema import EMA
-from c40.errors import CheckpointError, TrainingDiverged
-from c40.evaluate import evaluate
+from c40.errors import CheckpointError, ConfigError, TrainingDiverged
+from c40.evaluate import evaluate, n_views
 from c40.files import prepare_out_dir, write_text
 from c40.loaders import LoaderSpec, TensorLoader, create_loader
 from c40.model import Whitening, check_input_size, check_param_limit, create_model, fit_whitening
@@ -90,12 +91,34 @@ class RunState:
     std: tuple[float, ...]
     params: int
     provenance: dict                # the code and versions this process started with
+    image_px: int                   # the training images' side
+    steps_per_epoch: int
+    budget: TimeBudget | None       # cfg.time_budget's clock and plan
     start_epoch: int = 0
     step: int = 0                   # optimizer steps so far
     history: list[dict] = field(default_factory=list)
 
     def amp_ctx(self):
         return autocast(self.device, self.amp)
+
+    def epochs(self) -> int:
+        """The run's epochs: cfg.epochs, or under a time budget its current plan."""
+        return self.cfg.epochs if self.budget is None else self.budget.epochs
+
+    def done(self) -> float:
+        """The fraction of the run's steps done."""
+        return self.step / (self.epochs() * self.steps_per_epoch)
+
+    def low_res_frac(self) -> float:
+        """cfg.low_res_frac; 0 once an epoch trained at full size under a budget (its plan moves,
+        the low-res phase does not come back)."""
+        over = self.budget is not None and any(m.get("res") == self.image_px for m in self.history)
+        return 0.0 if over else self.cfg.low_res_frac
+
+    def epoch_px(self, epoch: int) -> int:
+        """The side images of `epoch` train at: low_res for the first low_res_frac of the epochs
+        (as cfg.low_res_epochs counts them)."""
+        return self.cfg.low_res if epoch < int(self.low_res_frac() * self.epochs()) else self.image_px
 
 
 @dataclass
@@ -157,6 +180,11 @@ def _setup(cfg: TrainConfig, device: torch.device, rank: int, world_size: int) -
     test_spec = LoaderSpec(1024, mean, std, channels_last=cfg.channels_last)
     evaluates = rank == 0
     amp = resolve_amp(cfg.amp, device)
+    budget = (TimeBudget(60 * cfg.time_budget, cfg.epochs, len(test) / len(train), n_views(cfg.tta))
+              if cfg.time_budget else None)
+    per_epoch = max(len(train_loader), 1)
+    # under a budget the one-cycle shape follows the plan's steps (it grows or shrinks per epoch)
+    done = budget and (lambda step: step / (budget.epochs * per_epoch))
     keep_depthwise_fp32(model, amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     opt = create_optimizer(model, cfg, fused=scaler.is_enabled())
@@ -164,13 +192,15 @@ def _setup(cfg: TrainConfig, device: torch.device, rank: int, world_size: int) -
         cfg=cfg, device=device, rank=rank, world_size=world_size, model=model, net=model,
         ema=EMA(model, cfg.ema_decay) if cfg.ema else None, opt=opt,
         teacher=load_teacher(cfg, device, amp, mean, std, train.classes),
-        sched=create_scheduler(opt, cfg, cfg.epochs * len(train_loader)), scaler=scaler, amp=amp,
+        sched=create_scheduler(opt, cfg, cfg.epochs * per_epoch, done),
+        scaler=scaler, amp=amp,
         train_loader=train_loader,
         test_loader=TensorLoader(test.images, test.labels, test_spec, device) if evaluates else None,
         val_loader=(TensorLoader(val.images, val.labels, test_spec, device)
                     if val is not None and evaluates else None),
         classes=tuple(train.classes), mean=tuple(map(float, mean)), std=tuple(map(float, std)),
-        params=params, provenance=provenance())
+        params=params, provenance=provenance(), image_px=train.images.shape[1],
+        steps_per_epoch=per_epoch, budget=budget)
     if cfg.resume:
         ckpt_path = Path(cfg.out) / "checkpoint.pt"
         if not ckpt_path.is_file():
@@ -191,9 +221,9 @@ def _wrap(run: RunState) -> None:
 
 
 def train_batch(run: RunState, x: torch.Tensor, y: torch.Tensor, stats: EpochStats,
-                res: int | None) -> None:
+                res: int) -> None:
     """One batch of an epoch: resize, step, schedule, EMA, running sums. No host sync."""
-    if res is not None and res != x.shape[-1]:  # progressive resizing
+    if res != x.shape[-1]:  # progressive resizing
         x = F.interpolate(x, size=(res, res), mode="bilinear", antialias=True, align_corners=False)
     loss, corr = train_step(run.net, x, y, run.opt, run.scaler, run.amp_ctx, run.cfg.label_smoothing,
                             run.teacher)
@@ -208,13 +238,12 @@ def train_batch(run: RunState, x: torch.Tensor, y: torch.Tensor, stats: EpochSta
     run.step += 1
 
 
-def train_one_epoch(run: RunState, epoch: int, progress: bool) -> dict:
-    """One pass over this rank's shard; a NaN/Inf loss raises `TrainingDiverged`."""
+def train_one_epoch(run: RunState, epoch: int, progress: bool, res: int) -> dict:
+    """One pass over this rank's shard at `res` px; a NaN/Inf loss raises `TrainingDiverged`."""
     cfg = run.cfg
     run.net.train()
     run.train_loader.set_epoch(epoch)
     stats, t0 = EpochStats.zeros(run.device), time.perf_counter()
-    res = cfg.low_res if epoch < cfg.low_res_epochs else None
     n = len(run.train_loader)
     bar = tqdm(run.train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or not sys.stderr.isatty(),
                leave=False, dynamic_ncols=True)
@@ -263,6 +292,9 @@ def fit(cfg: TrainConfig, *, device: torch.device | str | None = None,
     if rank == 0:
         prepare_out_dir(out, resume=cfg.resume)
     try:
+        if cfg.time_budget and world_size > 1:
+            raise ConfigError("--time-budget trains in one process (each rank's clock would steer "
+                              "its own schedule); give --epochs instead")
         run = _setup(cfg, device, rank, world_size)
         _wrap(run)
     except BaseException:
@@ -272,20 +304,40 @@ def fit(cfg: TrainConfig, *, device: torch.device | str | None = None,
     progress = progress and rank == 0
     # `elapsed` counts the whole run: a resumed run continues from its last recorded elapsed
     t_origin = t_start - (run.history[-1].get("elapsed", 0.0) if run.history else 0.0)
+    budget = run.budget
+    if budget is not None:
+        budget.start(t_origin)
+        budget.epochs = run.history[-1]["planned"] if run.history else cfg.epochs
+    ended = bool(run.history) and run.history[-1].get("ended", False)  # a budget ended it
     try:
-        for epoch in range(run.start_epoch, cfg.epochs):
+        for epoch in range(cfg.epochs if ended else run.start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             metrics = {"epoch": epoch + 1, "lr": run.opt.param_groups[0]["lr"]}
-            metrics.update(train_one_epoch(run, epoch, progress))
-            last = epoch + 1 == cfg.epochs
-            due = cfg.eval_every > 0 and (epoch + 1) % cfg.eval_every == 0
+            every = cfg.eval_every if cfg.val_split == 0 else 0
+            test_views = n_views(progress_tta(cfg.tta))
+            if budget is not None:
+                budget.plan(epoch, cfg.epochs, (cfg.low_res, run.low_res_frac()), run.image_px, every,
+                            test_views)
+            px = run.epoch_px(epoch)
+            test = every > 0 and (epoch + 1) % every == 0
+            last = epoch + 1 == run.epochs()
+            metrics.update(train_one_epoch(run, epoch, progress, px))
             tta = cfg.tta if last else progress_tta(cfg.tta)  # progress tests: at most flip
             if run.val_loader is not None:  # every epoch: what early stopping (Tune) reads
                 ev = evaluate_run(run, "val", tta)
                 metrics.update(val_loss=ev.loss, val_acc=ev.accuracy, eval_tta=tta)
-            if rank == 0 and (last or (cfg.val_split == 0 and due)):
+            if budget is not None:  # the epoch's cost (its val test included); room for another?
+                budget.epoch_done(px, time.perf_counter() - t0)
+                next_px = px if px == run.image_px else run.epoch_px(epoch + 1)
+                last = last or not budget.room_for_epoch(next_px, test_views * test)
+                tta = cfg.tta if last else tta
+                metrics.update(res=px, planned=budget.epochs, done=round(run.done(), 4), ended=last)
+            if rank == 0 and (last or test):
+                t_test = time.perf_counter()
                 ev = evaluate_run(run, "test", tta)
                 metrics.update(test_loss=ev.loss, test_acc=ev.accuracy, eval_tta=tta)
+                if budget is not None:
+                    budget.test_done(n_views(tta), time.perf_counter() - t_test)
             metrics.update(seconds=time.perf_counter() - t0, elapsed=time.perf_counter() - t_origin)
             run.history.append(metrics)
             ckpt = None
@@ -295,6 +347,8 @@ def fit(cfg: TrainConfig, *, device: torch.device | str | None = None,
                 tqdm.write(_epoch_line(metrics)) if progress else print(_epoch_line(metrics), flush=True)
             if report is not None:
                 report(metrics, ckpt)
+            if last:
+                break
     finally:
         run.train_loader.close()
     final = next((m["test_acc"] for m in reversed(run.history) if "test_acc" in m), None)
