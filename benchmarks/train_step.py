@@ -32,7 +32,8 @@ from c40.config import non_negative_int, positive_int  # noqa: E402
 from c40.config import TrainConfig  # noqa: E402
 from c40.model import count_params, create_model  # noqa: E402
 from c40.precision import autocast, keep_depthwise_fp32, resolve_amp, resolve_device  # noqa: E402
-from c40.train import create_optimizer, train_step  # noqa: E402
+from c40.optim import create_optimizer  # noqa: E402
+from c40.train import train_step  # noqa: E402
 
 
 def _baseline_step(model, x, y):

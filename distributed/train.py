@@ -74,9 +74,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Train
     args.run = f"{args.storage}/{args.name}"
     try:
         args.out = rc.location(args.out, "--out") if args.out else args.run
-        return args, rc.stage_teacher(args, config_from_args(args))
+        cfg = rc.stage_teacher(args, config_from_args(args))
     except C40Error as e:
         parser.error(str(e))
+    if cfg.time_budget and args.num_workers > 1:
+        parser.error("--time-budget trains in one process (each worker's clock would plan its own "
+                     "epochs); give --epochs, or --num-workers 1")
+    return args, cfg
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def train(args: argparse.Namespace, cfg: TrainConfig) -> dict:
     """Train `cfg` with Ray Train, copy the final checkpoint to OUT; returns a summary dict."""
-    from c40.train import check_model
+    from c40.run import check_model
 
     params = check_model(cfg)  # here in one line, not in every worker
     t0 = time.perf_counter()

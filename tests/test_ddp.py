@@ -15,7 +15,8 @@ import torch.multiprocessing as mp
 from c40.checkpoint import load_checkpoint
 from c40.config import TrainConfig
 from c40.loaders import epoch_indices
-from c40.train import _setup, fit
+from c40.run import setup_run
+from c40.train import fit
 
 
 def _cfg(data, out) -> TrainConfig:
@@ -42,7 +43,7 @@ def _reference_step(data, out) -> tuple[dict, list[set]]:
     """One SGD step with the mean of the ranks' own gradients, in this process; and the
     dataset indices each rank's loader draws. One thread, as the workers: oneDNN picks other
     conv algorithms for 2 threads (measured: 1e-4 apart after one step; equal at 1 thread)."""
-    runs = [_setup(_cfg(data, out), torch.device("cpu"), r, 2) for r in (0, 1)]
+    runs = [setup_run(_cfg(data, out), torch.device("cpu"), r, 2) for r in (0, 1)]
     grads, shards = [], []
     for run in runs:
         x, y = next(iter(run.train_loader))

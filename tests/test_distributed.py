@@ -50,6 +50,14 @@ def test_a_cpu_only_driver_configures_gpu_workers(script, tiny_cifar):
     assert cfg.device == "cuda" and cfg.batch_size == 512
 
 
+def test_a_time_budget_is_refused_on_several_workers(script, tiny_cifar, capsys):
+    with pytest.raises(SystemExit):
+        script.parse_args(["--num-workers", "2", "--time-budget", "5", "--data", str(tiny_cifar)])
+    assert "--time-budget trains in one process" in capsys.readouterr().err
+    _, cfg = script.parse_args(["--num-workers", "1", "--time-budget", "5", "--data", str(tiny_cifar)])
+    assert cfg.time_budget == 5.0
+
+
 def test_the_driver_refuses_a_model_before_any_worker_starts(script, tiny_cifar, tmp_path):
     """One line from the driver, not a traceback from every worker after Ray has started: the
     no-stride dilated arch cannot take the fast recipe's 24-px epochs."""

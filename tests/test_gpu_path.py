@@ -15,7 +15,8 @@ from c40.ema import EMA
 from c40.loaders import LoaderSpec, TensorLoader
 from c40.model import create_model
 from c40.precision import configure_backends, resolve_amp
-from c40.train import EpochStats, _setup, fit, train_batch
+from c40.run import setup_run
+from c40.train import EpochStats, fit, train_batch
 
 # Tensor methods and torch functions that make the host wait for the device (on CUDA): reading
 # a value, or an op whose output size depends on the data.
@@ -58,7 +59,7 @@ def test_a_training_step_never_waits_for_the_device(tiny_cifar, tmp_path, amp, e
     # the inf flag); Muon under fp16 lets GradScaler read the flag back once per step (c40.optim)
     sgd = dict(muon_lr=0.0, bn_bias_lr=1.0) if amp == "fp16" else {}
     cfg = tiny_cfg(tiny_cifar, tmp_path, amp=amp, ema=ema, loader=loader, workers=1, **sgd)
-    run = _setup(cfg, torch.device("cpu"), 0, 1)
+    run = setup_run(cfg, torch.device("cpu"), 0, 1)
     stats = EpochStats.zeros(run.device)
     try:
         batches = iter(run.train_loader)

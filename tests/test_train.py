@@ -34,6 +34,7 @@ def test_checkpoints_record_the_code_the_run_started_with(tiny_cifar, tmp_path, 
     import subprocess
 
     import c40.checkpoint
+    import c40.run
     import c40.train
 
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -42,7 +43,7 @@ def test_checkpoints_record_the_code_the_run_started_with(tiny_cifar, tmp_path, 
     calls = iter(["start", "later", "later"])
     fake = lambda: {"c40_commit": next(calls)}  # noqa: E731  HEAD moves after the first call
     monkeypatch.setattr(c40.checkpoint, "provenance", fake)
-    monkeypatch.setattr(c40.train, "provenance", fake, raising=False)
+    monkeypatch.setattr(c40.run, "provenance", fake)
     fit(tiny_cfg(tiny_cifar, tmp_path, subset=256, epochs=2), progress=False)
     assert load_checkpoint(tmp_path / "checkpoint.pt")["provenance"] == {"c40_commit": "start"}
 

@@ -3,15 +3,15 @@
 Sizing a run's epochs to a time budget before it starts misses on a host whose speed drifts
 10-25% between hours (this project's runs sized to an hour ended at 51.5 and 65 minutes). Under
 a budget the run sizes itself as it goes: before each epoch it re-plans its epoch count from the
-seconds left and what its own epochs and tests have cost so far (priced per image size, the
-recipe's low-res share and test interval kept; an epoch costs the median of the
-last five of its size: one epoch is a noisy sample of the host), and its schedule and low-res phase follow that
-plan, so it trains the recipe as `--epochs N` would for the N the host allows. An epoch that the
-plan shows to be the last ends the schedule; if the host slows so much that even the planned
-next epoch would not fit, the run ends early. --epochs is the cap. The clock starts when `fit()`
-starts (data loading and setup count; the interpreter's imports, ~2-3 s, do not); a resumed run
-continues from its recorded `elapsed`. Such a run is not bit-reproducible: its epoch count
-depends on the host's speed.
+seconds left and what its own epochs and tests have cost so far (an epoch costs the median of
+the last five of its size, since one epoch is a noisy sample of the host; a size not trained yet
+is priced by pixel count), with the recipe's low-res share and test interval. Its schedule and
+low-res phase follow that plan, so it trains the recipe as `--epochs N` would for the N the host
+allows. The epoch the plan shows to be the last ends the schedule; if the host slows so much
+that even the planned next epoch would not fit, the run ends early. --epochs is the cap. The
+clock starts when `fit()` starts (data loading and setup count; the interpreter's imports, ~2-3
+s, do not); a resumed run continues from its recorded `elapsed`. Such a run is not
+bit-reproducible: its epoch count depends on the host's speed.
 """
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
+
+from c40.config import low_res_count
 
 RECENT = 5  # an epoch of a size is priced at the median of the last RECENT at that size
 EVAL_COST = 0.5  # seconds of a test view per image / seconds of a training image, before any test is timed
@@ -74,7 +76,7 @@ class TimeBudget:
         n = epoch + 1
         while n < cap:
             e = n + 1
-            n_low = max(0, int(low_frac * e) - epoch)
+            n_low = max(0, low_res_count(low_frac, e) - epoch)
             tests = (e - 1) // test_every - epoch // test_every if test_every else 0
             cost = (n_low * self.epoch_cost(low_px) + (e - epoch - n_low) * self.epoch_cost(full_px)
                     + tests * test)

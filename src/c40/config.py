@@ -81,6 +81,11 @@ RECIPES: dict[str, dict] = {
 }
 
 
+def low_res_count(frac: float, epochs: int) -> int:
+    """How many of a run's `epochs`, the first ones, train at low_res: the one rule for it."""
+    return int(frac * epochs)
+
+
 def _f(default, help: str):
     """A field with its flag's help text."""
     return field(default=default, metadata={"help": help})
@@ -197,7 +202,7 @@ class TrainConfig:
     @property
     def low_res_epochs(self) -> int:
         """How many epochs, the first ones, train at low_res."""
-        return int(self.low_res_frac * self.epochs)
+        return low_res_count(self.low_res_frac, self.epochs)
 
     @classmethod
     def from_recipe(cls, recipe: str = "fast", **overrides) -> "TrainConfig":
