@@ -100,9 +100,8 @@ class TrainConfig:
     width: float = _f(1.0, "channel multiplier (params must stay < 200k)")
     dropout: float = _f(0.0, "dropout probability after each block and before the head")
     epochs: int = _f(5, "passes over the training set")
-    time_budget: float = _f(0.0, "minutes for the whole run, its final test included (0: off): "
-                            "the schedule and the low-res phase follow the clock, and the run ends "
-                            "at the first epoch where another would not fit, or after --epochs")
+    time_budget: float = _f(0.0, "minutes for the whole run, final test included (0: off): epochs "
+                            "re-planned before each from their measured cost; --epochs caps them")
     batch_size: int = _f(128, "images per optimizer step (global across workers)")
     lr: float = _f(0.2, "peak learning rate of the schedule")
     schedule: str = _f("onecycle", "onecycle | constant")

@@ -8,8 +8,8 @@ momentum of each filter bank, flattened to (out, in x k x k), is orthogonalized 
 Newton-Schulz iterations before the step (Jordan et al. 2024, as in airbench's Muon runs), so every
 direction of the filter bank moves at the same rate. No weight decay there: BatchNorm follows
 every such conv, so the filters' scale does not matter. Both follow the same one-cycle schedule,
-each from its own peak. Under a time budget (`c40.budget`) the same one-cycle shape runs on the
-fraction of the run done instead of on the step count. Muon's step is not fused: under fp16 (pre-Ampere GPUs) GradScaler reads
+each from its own peak. Under a time budget (`c40.budget`) the same one-cycle shape runs over the
+steps of the run's current epoch plan, which may change between epochs. Muon's step is not fused: under fp16 (pre-Ampere GPUs) GradScaler reads
 its inf flag back once per step, a host sync plain SGD avoids; the GPU recipes use plain SGD.
 """
 from __future__ import annotations
